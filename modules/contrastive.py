@@ -1,0 +1,100 @@
+"""Image-text contrastive loss with two CLS tokens (TIPS): CLS1 against the alt-text, CLS2
+against a caption sampled from the richer granularities (TIPSv2's multi-granularity captions).
+
+The loss itself is open_clip's (softmax `ClipLoss` as in TIPS, or `SigLipLoss`), which also
+gathers features across ranks; this component only routes the two CLS/text pairs into it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss, SigLipLoss
+from torch import nn
+
+from tipslab.errors import TipslabError
+from tipslab.modules.components import LossComponent, register_component
+from tipslab.modules.features import Features, LossOutput
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def retrieval_accuracy(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Share of images whose most similar text in the (local) batch is their own caption."""
+    sims = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    return (sims.argmax(dim=1) == torch.arange(len(sims), device=sims.device)).float().mean()
+
+
+@register_component("contrastive")
+class ContrastiveComponent(LossComponent):
+    needs = frozenset({"cls1", "cls2", "text_alt", "text_caption"})
+
+    def __init__(
+        self,
+        embed_dim: int,
+        weight: float = 1.0,
+        kind: str = "softmax",
+        cls1_weight: float = 1.0,
+        cls2_weight: float = 1.0,
+    ):
+        super().__init__(weight=weight)
+        if kind not in ("softmax", "sigmoid"):
+            raise TipslabError(f"components.contrastive.kind must be 'softmax' or 'sigmoid', got {kind!r}")
+        self.kind = kind
+        self.cls1_weight = float(cls1_weight)
+        self.cls2_weight = float(cls2_weight)
+        # SigLIP's learned bias, initialised as in its paper (-10); softmax needs none.
+        self.logit_bias = nn.Parameter(torch.full((1,), -10.0)) if kind == "sigmoid" else None
+        self._loss: nn.Module | None = None
+
+    def _loss_fn(self) -> nn.Module:
+        # Built lazily: rank and world size are only known once the strategy has set up the
+        # process group.
+        if self._loss is None:
+            rank, world = _world()
+            if self.kind == "softmax":
+                self._loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+            else:
+                self._loss = SigLipLoss(rank=rank, world_size=world)
+        return self._loss
+
+    def pair_loss(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        image = F.normalize(image, dim=-1)
+        text = F.normalize(text, dim=-1)
+        scale = logit_scale.exp().clamp(max=100.0).squeeze()
+        if self.kind == "softmax":
+            return self._loss_fn()(image, text, scale)
+        return self._loss_fn()(image, text, scale, self.logit_bias.squeeze())
+
+    def forward(self, features: Features) -> LossOutput:
+        losses = {}
+        if self.cls1_weight:
+            losses["contrastive_cls1_loss"] = self.cls1_weight * self.pair_loss(
+                features.cls1, features.text_alt, features.logit_scale
+            )
+        if self.cls2_weight:
+            losses["contrastive_cls2_loss"] = self.cls2_weight * self.pair_loss(
+                features.cls2, features.text_caption, features.logit_scale
+            )
+        with torch.no_grad():
+            metrics = {
+                "temperature": torch.exp(-features.logit_scale.detach()).squeeze(),
+                "i2t_acc_cls1": retrieval_accuracy(features.cls1, features.text_alt),
+                "i2t_acc_cls2": retrieval_accuracy(features.cls2, features.text_caption),
+                "chance_acc": torch.tensor(1.0 / max(len(features.cls1), 1), device=features.cls1.device),
+            }
+        return LossOutput(losses=losses, metrics=metrics)
+
+
+def clip_loss_reference(image: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
+    """Symmetric InfoNCE written out, for tests and for reading: mean of the two cross-entropies."""
+    logits = scale * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    labels = torch.arange(len(logits))
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+__all__ = ["ContrastiveComponent", "retrieval_accuracy", "clip_loss_reference"]

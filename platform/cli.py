@@ -1,0 +1,85 @@
+"""The `tipslab` console script: train, config, experiments, index, search, embed.
+
+Bad input (a `TipslabError`) prints one line and exits 2; anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tipslab.errors import TipslabError
+
+
+def _cmd_train(args) -> int:
+    from tipslab.platform.config import load_config
+    from tipslab.platform.summary import print_train_summary
+    from tipslab.platform.train import train
+
+    cfg = load_config(args.experiment, args.overrides)
+    result = train(cfg)
+    print_train_summary(result)
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from omegaconf import OmegaConf
+
+    from tipslab.platform.config import load_config
+
+    print(OmegaConf.to_yaml(load_config(args.experiment, args.overrides)), end="")
+    return 0
+
+
+def _cmd_experiments(args) -> int:
+    from tipslab.platform.config import available_experiments, experiments_dir
+
+    print(f"experiments in {experiments_dir()}:")
+    for name in available_experiments():
+        print(f"  {name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tipslab", description="Train, track, index and search patch-aligned image-text encoders."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="pretrain an experiment (experiments/<EXP>.yaml)")
+    train.add_argument("experiment", help="experiment name (e.g. tipsv2_tiny) or a .yaml path")
+    train.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. trainer.max_steps=200)")
+    train.set_defaults(func=_cmd_train)
+
+    config = sub.add_parser("config", help="print an experiment's resolved config")
+    config.add_argument("experiment")
+    config.add_argument("overrides", nargs="*")
+    config.set_defaults(func=_cmd_config)
+
+    experiments = sub.add_parser("experiments", help="list the experiments")
+    experiments.set_defaults(func=_cmd_experiments)
+
+    from tipslab.platform import embed
+    from tipslab.retrieval import cli as retrieval_cli
+
+    retrieval_cli.add_index_parser(sub)
+    retrieval_cli.add_search_parser(sub)
+    embed.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except TipslabError as err:
+        print(f"tipslab {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

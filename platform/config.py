@@ -1,0 +1,141 @@
+"""Experiment configs: experiments/<name>.yaml layered on experiments/defaults.yaml, then overrides.
+
+Struct mode (as DINOv3): every key an experiment or override may set is declared in
+defaults.yaml, so a typo fails at once and the error names the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from tipslab.errors import TipslabError
+
+
+def experiments_dir() -> Path:
+    import tipslab.experiments
+
+    return Path(list(tipslab.experiments.__path__)[0])
+
+
+def available_experiments() -> list[str]:
+    return sorted(p.stem for p in experiments_dir().glob("*.yaml") if p.stem != "defaults")
+
+
+def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key in cfg.keys():
+        full = f"{prefix}{key}"
+        keys.append(full)
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig):
+            keys.extend(_all_keys(node, full + "."))
+    return keys
+
+
+def _unknown_key_error(defaults: DictConfig, bad_key: str, where: str) -> TipslabError:
+    valid = _all_keys(defaults)
+    close = difflib.get_close_matches(bad_key, valid, n=1, cutoff=0.4)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return TipslabError(f"unknown config key '{bad_key}' in {where}{hint}")
+
+
+def _flat_keys(container, prefix: str = "") -> list[str]:
+    """Dotted keys of a plain (unresolved) dict, leaves and branches."""
+    out = []
+    if isinstance(container, dict):
+        for key, value in container.items():
+            full = f"{prefix}{key}"
+            out.append(full)
+            out.extend(_flat_keys(value, full + "."))
+    return out
+
+
+def _check_keys(defaults: DictConfig, layer: DictConfig, where: str) -> None:
+    valid = set(_all_keys(defaults))
+    plain = OmegaConf.to_container(layer, resolve=False)
+    # Keys come outermost first, so the first unknown one is the one to report.
+    for key in _flat_keys(plain):
+        if key not in valid:
+            raise _unknown_key_error(defaults, key, where)
+
+
+def resolve_experiment_path(exp: str) -> Path:
+    path = Path(exp)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise TipslabError(f"experiment file '{exp}' does not exist")
+        return path
+    candidate = experiments_dir() / f"{exp}.yaml"
+    if not candidate.is_file():
+        names = available_experiments()
+        close = difflib.get_close_matches(exp, names, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise TipslabError(
+            f"unknown experiment '{exp}': no {candidate}.{hint} Available: {', '.join(names)}"
+        )
+    return candidate
+
+
+def load_config(exp: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The resolved, struct-mode config of experiment `exp` with `key=value` overrides applied."""
+    defaults = OmegaConf.load(experiments_dir() / "defaults.yaml")
+    exp_path = resolve_experiment_path(exp)
+    try:
+        layer = OmegaConf.load(exp_path)
+    except OmegaConfBaseException as err:
+        raise TipslabError(f"cannot read experiment file {exp_path}: {err}") from err
+    if layer is None or not isinstance(layer, DictConfig):
+        layer = OmegaConf.create({})
+    _check_keys(defaults, layer, str(exp_path))
+
+    for item in overrides:
+        if "=" not in item:
+            raise TipslabError(f"override '{item}' is not of the form key=value (e.g. trainer.max_steps=200)")
+    try:
+        override_layer = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise TipslabError(f"cannot parse overrides {list(overrides)}: {err}") from err
+    _check_keys(defaults, override_layer, "the command-line overrides")
+
+    OmegaConf.set_struct(defaults, True)
+    try:
+        cfg = OmegaConf.merge(defaults, layer, override_layer)
+    except (ConfigKeyError, ConfigAttributeError) as err:  # type mismatches and the like
+        raise TipslabError(f"bad config value: {err.msg if hasattr(err, 'msg') else err}") from err
+    except OmegaConfBaseException as err:
+        raise TipslabError(f"bad config value: {err}") from err
+    if OmegaConf.is_missing(cfg, "experiment"):
+        cfg.experiment = exp_path.stem
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise TipslabError(f"cannot resolve config of {exp_path}: {err}") from err
+    return cfg
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    """Write the resolved config beside a run (atomically) so the run can be reproduced."""
+    from tipslab.platform.files import atomic_write_text
+
+    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def flatten_for_logging(cfg: DictConfig) -> dict[str, str]:
+    """Dotted key -> value strings, the shape MLflow params want."""
+    out: dict[str, str] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, (DictConfig, dict)):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        elif isinstance(node, (ListConfig, list)):
+            out[prefix[:-1]] = str(list(node))
+        else:
+            out[prefix[:-1]] = str(node)
+
+    walk(cfg, "")
+    return out

@@ -1,0 +1,53 @@
+"""Activation checkpointing, compile and FSDP2 sharding, applied in one place and one order.
+
+The order matters (as in DINOv3's `ac_compile_parallelize`):
+1. activation checkpointing wraps each transformer block, so recomputation happens inside the
+   block that is later compiled and sharded;
+2. compile each (checkpointed) block, so graphs stay small and identical across blocks;
+3. `fully_shard` each block, then the root: the root unit holds what no block owns (embeddings,
+   final norms, the temperature, the components' heads) and its forward is the system's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def transformer_blocks(system) -> list[nn.Module]:
+    """The repeated blocks of both towers: the units of checkpointing, compile and sharding."""
+    blocks = list(system.encoder.vision.blocks)
+    blocks.extend(system.encoder.text.blocks)
+    return blocks
+
+
+def _replace_block(system, old: nn.Module, new: nn.Module) -> None:
+    for container in (system.encoder.vision.blocks, system.encoder.text.blocks):
+        for index, block in enumerate(container):
+            if block is old:
+                container[index] = new
+                return
+
+
+def parallelize_system(system, device_mesh, cfg) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    trainer_cfg = cfg.trainer
+    if trainer_cfg.activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for block in transformer_blocks(system):
+            _replace_block(system, block, checkpoint_wrapper(block))
+    if trainer_cfg.compile:
+        for block in transformer_blocks(system):
+            block.compile()
+
+    mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+    precision = str(trainer_cfg.precision)
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if precision.startswith("bf16") else None,
+        reduce_dtype=torch.float32,
+    )
+    for block in transformer_blocks(system):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(system, mesh=mesh, mp_policy=policy)

@@ -1,0 +1,19 @@
+"""What a person sees at the end of a run: where each output is and the command that opens it."""
+
+from __future__ import annotations
+
+import shlex
+
+
+def print_train_summary(result) -> None:
+    first = f"{result.first_loss:.4f}" if result.first_loss is not None else "n/a"
+    last = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
+    db = result.tracking_uri
+    print()
+    print("training finished")
+    print(f"  loss (mean of first / last steps): {first} -> {last}")
+    print(f"  MLflow run     : {result.experiment_name} / {result.run_id}")
+    print(f"                   open: make mlflow-ui  (or: mlflow ui --backend-store-uri {shlex.quote(db)})")
+    print(f"  checkpoints    : {result.checkpoint_dir}  (resume: checkpoint.resume=last)")
+    print(f"  model          : {result.model_dir}")
+    print(f"                   index with it: tipslab index {result.model_dir} scenes:val --out <dir>")

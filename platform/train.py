@@ -1,0 +1,189 @@
+"""`tipslab train`: build the data, the system, the tracker and the Lightning trainer, then fit.
+
+At the end the encoder is exported as a tipslab checkpoint (model.safetensors + model.yaml) in
+<run_dir>/model and logged, with the resolved config and pictures, to the MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tipslab.errors import TipslabError
+from tipslab.platform.config import save_config
+from tipslab.platform.files import atomic_write_text
+from tipslab.platform.tracking import build_logger, default_tracking_uri
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_dir: Path
+    checkpoint_dir: Path
+    tracking_uri: str
+    experiment_name: str
+    run_id: str
+    first_loss: float | None
+    last_loss: float | None
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Fail at once, before building anything, when the machine or the data cannot run `cfg`."""
+    problems = []
+    trainer = cfg.trainer
+    if trainer.accelerator == "gpu":
+        found = torch.cuda.device_count()
+        wanted = int(trainer.devices) if str(trainer.devices).isdigit() else 1
+        if found < wanted:
+            problems.append(
+                f"it needs {wanted} GPU(s) per node (trainer.accelerator=gpu, trainer.devices={trainer.devices})"
+                f" but this machine has {found}"
+            )
+    if cfg.data.source in ("shards", "manifest"):
+        path = cfg.data.path
+        if not path:
+            problems.append(f"it reads {cfg.data.source} from data.path, which is not set")
+        elif not Path(path).exists():
+            problems.append(f"data.path {path} does not exist")
+    if problems:
+        raise TipslabError(
+            f"experiment '{cfg.experiment}' cannot run here: "
+            + "; ".join(problems)
+            + ". Set them with overrides (e.g. data.path=/data/shards trainer.devices=8), "
+            "or try tipslab on this machine with the tiny CPU experiment: make train EXP=tipsv2_tiny"
+        )
+
+
+def build_strategy(cfg: DictConfig):
+    if cfg.trainer.strategy == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        # Pure FSDP2: every device is one data-parallel shard (no tensor parallelism).
+        world = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
+        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    if cfg.trainer.strategy == "auto":
+        return "auto"
+    raise TipslabError(f"trainer.strategy must be 'auto' or 'fsdp', got {cfg.trainer.strategy!r}")
+
+
+def _resume_path(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
+    resume = cfg.checkpoint.resume
+    if resume in (None, "", "none"):
+        return None
+    if resume == "last":
+        last = checkpoint_dir / "last.ckpt"
+        if not last.exists():
+            raise TipslabError(f"checkpoint.resume=last but there is no {last}: nothing to resume")
+        return str(last)
+    if not Path(resume).exists():
+        raise TipslabError(f"checkpoint.resume={resume}: no such checkpoint")
+    return str(resume)
+
+
+def train(cfg: DictConfig) -> TrainResult:
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+
+    from tipslab.datamodules.datamodule import PretrainDataModule
+    from tipslab.datamodules.tokenizers import build_tokenizer
+    from tipslab.modules.checkpoint import save_checkpoint
+    from tipslab.platform.callbacks import LossHistory, PicturesCallback, StepThroughput
+    from tipslab.platform.system import PretrainingSystem
+
+    preflight(cfg)
+    run_dir = Path(cfg.run_dir)
+    checkpoint_dir = run_dir / "checkpoints"
+    ckpt_path = _resume_path(cfg, checkpoint_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    tokenizer = build_tokenizer(**cfg.model.tokenizer)
+    datamodule = PretrainDataModule(cfg.data, tokenizer, seed=int(cfg.seed))
+    system = PretrainingSystem(cfg)
+
+    logger = build_logger(cfg, resume=ckpt_path is not None)
+    history = LossHistory()
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=checkpoint_dir,
+            every_n_train_steps=int(cfg.checkpoint.every_n_steps),
+            save_last=True,
+            save_top_k=-1,
+            filename="step{step:07d}",
+            auto_insert_metric_name=False,
+        ),
+        LearningRateMonitor(logging_interval="step"),
+        StepThroughput(),
+        history,
+    ]
+    if cfg.tracking.pictures:
+        callbacks.append(PicturesCallback(cfg, tokenizer))
+    if cfg.trainer.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+
+    trainer = L.Trainer(
+        max_steps=int(cfg.trainer.max_steps),
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=int(cfg.trainer.num_nodes),
+        strategy=build_strategy(cfg),
+        precision=cfg.trainer.precision,
+        accumulate_grad_batches=int(cfg.trainer.accumulate_grad_batches),
+        gradient_clip_val=float(cfg.optim.grad_clip) if cfg.trainer.strategy != "fsdp" else None,
+        log_every_n_steps=int(cfg.trainer.log_every_n_steps),
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=bool(cfg.trainer.progress_bar),
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=str(run_dir),
+        deterministic=False,
+    )
+    trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    model_dir = run_dir / "model"
+    encoder = _full_encoder(system)  # a collective under FSDP2: every rank takes part
+    if trainer.is_global_zero:
+        save_checkpoint(encoder, OmegaConf.to_container(cfg.model, resolve=True), model_dir)
+        logger.experiment.log_artifacts(logger.run_id, str(model_dir), artifact_path="model")
+        logger.experiment.log_artifact(logger.run_id, str(run_dir / "config.yaml"))
+        atomic_write_text(run_dir / "mlflow_run_id.txt", logger.run_id + "\n")
+    trainer.strategy.barrier()
+    return TrainResult(
+        run_dir=run_dir,
+        model_dir=model_dir,
+        checkpoint_dir=checkpoint_dir,
+        tracking_uri=logger._tracking_uri or default_tracking_uri(cfg),
+        experiment_name=cfg.tracking.experiment_name,
+        run_id=logger.run_id,
+        first_loss=history.first,
+        last_loss=history.last,
+    )
+
+
+def _full_encoder(system):
+    """The encoder with plain tensors, also when its parameters are FSDP2 shards."""
+    encoder = system.encoder
+    state = encoder.state_dict()
+    if any(type(v).__name__ == "DTensor" for v in state.values()):
+        from tipslab.modules.encoder import build_encoder
+
+        full = {k: (v.full_tensor() if type(v).__name__ == "DTensor" else v) for k, v in state.items()}
+        plain = build_encoder(system.cfg.model)
+        plain.load_state_dict(full)
+        return plain
+    return encoder
+
+
+def configure_process_env() -> None:
+    """Settings every training process wants before torch spins up threads."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

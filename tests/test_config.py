@@ -1,0 +1,50 @@
+import pytest
+from omegaconf import OmegaConf
+
+from tipslab.errors import TipslabError
+from tipslab.platform.config import available_experiments, flatten_for_logging, load_config
+
+
+def test_experiment_layers_on_defaults_and_overrides_apply():
+    cfg = load_config("tipsv2_tiny", ["trainer.max_steps=7", "optim.lr=0.5"])
+    assert cfg.experiment == "tipsv2_tiny"
+    assert cfg.trainer.max_steps == 7 and cfg.optim.lr == 0.5
+    # Interpolations are resolved: data follows the model's image size.
+    assert cfg.data.image_size == cfg.model.vision.img_size == 112
+    assert OmegaConf.is_struct(cfg)
+
+
+def test_mistyped_override_names_nearest_key():
+    with pytest.raises(TipslabError, match=r"trainer\.max_step'.*did you mean 'trainer\.max_steps'"):
+        load_config("tipsv2_tiny", ["trainer.max_step=3"])
+
+
+def test_mistyped_key_in_experiment_file_names_file_and_key(tmp_path):
+    exp = tmp_path / "mine.yaml"
+    exp.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(TipslabError, match=r"optim\.learning_rate.*mine\.yaml"):
+        load_config(str(exp))
+
+
+def test_unknown_experiment_lists_available():
+    with pytest.raises(TipslabError, match=r"unknown experiment 'tipsv2_tny'.*Did you mean 'tipsv2_tiny'"):
+        load_config("tipsv2_tny")
+
+
+def test_override_without_equals_is_explained():
+    with pytest.raises(TipslabError, match="key=value"):
+        load_config("tipsv2_tiny", ["trainer.max_steps"])
+
+
+def test_every_experiment_resolves():
+    names = available_experiments()
+    assert {"tipsv2_tiny", "tipsv2_b"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.model.vision.img_size % 14 == 0, name
+
+
+def test_flatten_for_logging_has_dotted_keys():
+    flat = flatten_for_logging(load_config("tipsv2_tiny"))
+    assert flat["model.vision.size"] == "tiny"
+    assert flat["data.caption_granularities"] == "['short', 'long']"

@@ -1,0 +1,69 @@
+import math
+
+import pytest
+import torch
+
+from tipslab.errors import TipslabError
+from tipslab.modules.components import build_components, registered_components, weighted_total
+from tipslab.modules.contrastive import ContrastiveComponent, clip_loss_reference, retrieval_accuracy
+from tipslab.modules.features import Features, LossOutput
+
+
+def test_two_pair_clip_loss_matches_hand_computation():
+    # Orthogonal unit vectors: matching pairs have cosine 1, others 0.
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = image.clone()
+    scale = 2.0
+    # Each row: softmax over logits [2, 0] -> -log(e^2 / (e^2 + 1)).
+    expected = -math.log(math.exp(2) / (math.exp(2) + 1))
+    component = ContrastiveComponent(embed_dim=2)
+    got = component.pair_loss(image, text, torch.tensor([math.log(scale)]))
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    assert clip_loss_reference(image, text, scale).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_component_returns_named_terms_for_both_cls_tokens():
+    torch.manual_seed(0)
+    b, d = 4, 8
+    feats = Features(
+        logit_scale=torch.tensor([math.log(1 / 0.07)]),
+        cls1=torch.randn(b, d), cls2=torch.randn(b, d),
+        text_alt=torch.randn(b, d), text_caption=torch.randn(b, d),
+    )
+    out = ContrastiveComponent(embed_dim=d, cls2_weight=0.5)(feats)
+    assert set(out.losses) == {"contrastive_cls1_loss", "contrastive_cls2_loss"}
+    full = ContrastiveComponent(embed_dim=d)(feats)
+    half = out.losses["contrastive_cls2_loss"] / full.losses["contrastive_cls2_loss"]
+    assert half.item() == pytest.approx(0.5)
+    assert out.metrics["temperature"].item() == pytest.approx(0.07, rel=1e-5)
+
+
+def test_sigmoid_kind_has_learnable_bias_and_finite_loss():
+    component = ContrastiveComponent(embed_dim=4, kind="sigmoid")
+    assert [p.shape for p in component.learnable_params()] == [torch.Size([1])]
+    x = torch.randn(3, 4)
+    assert torch.isfinite(component.pair_loss(x, x, torch.tensor([math.log(10.0)])))
+
+
+def test_retrieval_accuracy_counts_own_caption_hits():
+    image = torch.eye(3)
+    text = torch.stack([torch.eye(3)[0], torch.eye(3)[2], torch.eye(3)[1]])
+    assert retrieval_accuracy(image, text).item() == pytest.approx(1 / 3)
+
+
+def test_registry_builds_enabled_components_and_rejects_unknown():
+    assert "contrastive" in registered_components()
+    built = build_components({"contrastive": {"enabled": True, "weight": 2.0}}, embed_dim=8)
+    assert list(built) == ["contrastive"] and built["contrastive"].weight == 2.0
+    with pytest.raises(TipslabError, match="components.ibot_typo"):
+        build_components({"ibot_typo": {"enabled": True}}, embed_dim=8)
+    with pytest.raises(TipslabError, match="no loss component is enabled"):
+        build_components({"contrastive": {"enabled": False}}, embed_dim=8)
+
+
+def test_weighted_total_sums_weighted_terms():
+    outputs = {
+        "a": LossOutput(losses={"x": torch.tensor(1.0), "y": torch.tensor(2.0)}),
+        "b": LossOutput(losses={"z": torch.tensor(4.0)}),
+    }
+    assert weighted_total(outputs, {"a": 0.5, "b": 2.0}).item() == pytest.approx(9.5)
