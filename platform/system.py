@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from tipslab.modules.components import build_components, weighted_total
 from tipslab.modules.encoder import build_encoder
 from tipslab.modules.features import Features, LossOutput
+from tipslab.platform.ema import cosine_momentum, ema_update_
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -103,6 +104,21 @@ class PretrainingSystem(L.LightningModule):
             lambda step: warmup_cosine(step, int(opt_cfg.warmup_steps), total, float(opt_cfg.min_lr_ratio)),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def momentum_pairs(self):
+        return [pair for component in self.components.values() for pair in component.momentum_pairs()]
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Once per optimizer step (not per micro-batch), after the student moved.
+        pairs = self.momentum_pairs()
+        if pairs:
+            ema_cfg = self.cfg.ema
+            momentum = cosine_momentum(
+                self.global_step, int(self.cfg.trainer.max_steps), ema_cfg.momentum, ema_cfg.final_momentum
+            )
+            ema_update_(pairs, momentum)
+            self.log("train/ema_momentum", momentum, batch_size=1)
 
     def configure_model(self):
         # Called by Lightning under ModelParallelStrategy (FSDP2) with the device mesh set.

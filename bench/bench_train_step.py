@@ -1,0 +1,102 @@
+"""Training-step speed of the pretraining system on this machine, against a baseline in the same run.
+
+Prints a table: ms per step, images/s and peak RSS growth for
+  baseline        the text tower run twice (alt-text, then the sampled caption)
+  fused text      one text pass over both caption slots (what PretrainingSystem does)
+  + act. ckpt     activation checkpointing on every block (memory for compute)
+Run: .venv/bin/python bench/bench_train_step.py [--steps 10 --batch 32 --size tiny --img 112]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from tipslab.datamodules.batch import Batch  # noqa: E402
+from tipslab.platform.config import load_config  # noqa: E402
+from tipslab.platform.system import PretrainingSystem  # noqa: E402
+
+
+class TwoPassText(PretrainingSystem):
+    """The baseline: encode alt-text and caption in separate passes."""
+
+    def compute_features(self, batch):
+        features = super().compute_features(_WithoutText(batch))
+        features.text_alt = self.encoder.encode_text(batch.alt_ids)
+        features.text_caption = self.encoder.encode_text(batch.caption_ids)
+        return features
+
+
+class _WithoutText:
+    def __init__(self, batch):
+        self.images, self.masks = batch.images, getattr(batch, "masks", None)
+        self.alt_ids = self.caption_ids = None
+
+
+def _with_checkpointing(system):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from tipslab.platform.parallelize import _replace_block, transformer_blocks
+
+    for block in transformer_blocks(system):
+        _replace_block(system, block, checkpoint_wrapper(block))
+    return system
+
+
+def time_steps(system, batch, steps: int) -> tuple[float, float]:
+    optimizer = torch.optim.AdamW(system.parameters(), lr=1e-4)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for i in range(steps + 2):
+        if i == 2:  # two warm-up steps
+            start = time.perf_counter()
+        loss, _ = system(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    elapsed = (time.perf_counter() - start) / steps
+    rss_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    return elapsed, rss_mb
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", default="tiny")
+    parser.add_argument("--img", type=int, default=112)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    cfg = load_config(
+        "tipsv2_tiny",
+        [f"model.vision.size={args.size}", f"model.text.size={args.size}", f"model.vision.img_size={args.img}"],
+    )
+    length = int(cfg.model.text.context_length)
+    batch = Batch(
+        images=torch.rand(args.batch, 3, args.img, args.img),
+        alt_ids=torch.randint(1, 1000, (args.batch, length)),
+        caption_ids=torch.randint(1, 1000, (args.batch, length)),
+        ids=[str(i) for i in range(args.batch)],
+    )
+    rows = []
+    for name, system in (
+        ("baseline (two text passes)", TwoPassText(cfg)),
+        ("fused text pass", PretrainingSystem(cfg)),
+        ("fused + activation ckpt", _with_checkpointing(PretrainingSystem(cfg))),
+    ):
+        seconds, rss = time_steps(system.train(), batch, args.steps)
+        rows.append((name, seconds, rss))
+    base = rows[0][1]
+    print(f"\ntrain step, {args.size} towers, batch {args.batch}, {args.img}px, {torch.get_num_threads()} threads")
+    print(f"{'variant':30s} {'ms/step':>9s} {'images/s':>9s} {'vs base':>8s} {'peak RSS +MB':>13s}")
+    for name, seconds, rss in rows:
+        print(f"{name:30s} {seconds * 1e3:9.1f} {args.batch / seconds:9.1f} {base / seconds:7.2f}x {rss:13.0f}")
+
+
+if __name__ == "__main__":
+    main()

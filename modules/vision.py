@@ -1,0 +1,194 @@
+"""The vision tower: timm's TIPSv2 ViT (DINOv2-style, patch 14, one register used as a second CLS).
+
+The weights live in a stock timm `VisionTransformer` built with the same class and arguments as
+timm's `vit_*_patch14_reg1_tipsv2` models, so timm's own loader (`checkpoint_filter_fn`) is an
+independent reference for our outputs. Our forward calls timm's submodules but does two things
+timm's `forward_features` does not:
+
+- the DINOv2/iBOT mask token: masked patch embeddings are replaced by a learnable `mask_token`
+  before the position embeddings are added (the official checkpoints carry `mask_token`);
+- position embeddings are resized **bilinearly with antialiasing**, as the official TIPS code
+  does (`interpolate_pos_encoding`, `interpolate_antialias=True`, offset 0). timm resizes them
+  bicubically, so at input sizes other than the checkpoint's grid timm's own model differs
+  slightly from the official one; ours follows the official one.
+
+Token order inside the tower is timm's `[CLS1, register (= CLS2), patches]`, the official order.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tipslab.errors import TipslabError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PATCH_SIZE = 14
+
+# Architecture per size. b, l, so400m and g are the arguments of timm's
+# `vit_{base,large,so400m,giant}_patch14_reg1_tipsv2` (tests/test_vision.py checks they still
+# agree); s is the official `vit_small`; tiny is a CPU size for demos and tests.
+VISION_SIZES: dict[str, dict] = {
+    "tiny": dict(embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0),
+    "s": dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0),
+    "b": dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0),
+    "l": dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0),
+    "so400m": dict(embed_dim=1152, depth=27, num_heads=16, mlp_ratio=4304 / 1152),
+    # SwiGLU with hidden 4096: timm packs both gate halves into fc1 (8192 outputs).
+    "g": dict(embed_dim=1536, depth=40, num_heads=24, mlp_ratio=2.66667 * 2, swiglu=True),
+}
+
+TIMM_NAMES = {
+    "b": "vit_base_patch14_reg1_tipsv2",
+    "l": "vit_large_patch14_reg1_tipsv2",
+    "so400m": "vit_so400m_patch14_reg1_tipsv2",
+    "g": "vit_giant_patch14_reg1_tipsv2",
+}
+
+
+@dataclass
+class VisionOutput:
+    """Tower outputs after the final norm."""
+
+    cls1: torch.Tensor  # [B, D] first CLS (trained against alt-text)
+    cls2: torch.Tensor  # [B, D] the register slot, used as a second CLS (synthetic captions)
+    patches: torch.Tensor  # [B, N, D], N = h * w, row-major over the patch grid
+    grid: tuple[int, int]  # (h, w) patches
+
+
+def timm_vit_kwargs(size: str, img_size: int, drop_path_rate: float = 0.0) -> dict:
+    """The `timm.models.vision_transformer.VisionTransformer` arguments of one size."""
+    if size not in VISION_SIZES:
+        raise TipslabError(f"model.vision.size={size!r} is not known; expected one of {', '.join(VISION_SIZES)}")
+    arch = dict(VISION_SIZES[size])
+    kwargs = dict(
+        img_size=img_size,
+        patch_size=PATCH_SIZE,
+        embed_dim=arch["embed_dim"],
+        depth=arch["depth"],
+        num_heads=arch["num_heads"],
+        mlp_ratio=arch["mlp_ratio"],
+        init_values=1.0,
+        reg_tokens=1,
+        no_embed_class=True,
+        num_classes=0,
+        dynamic_img_size=True,
+        drop_path_rate=float(drop_path_rate),
+    )
+    if arch.get("swiglu"):
+        from timm.layers import SwiGLUPacked
+
+        kwargs.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
+    return kwargs
+
+
+class VisionTower(nn.Module):
+    """TIPSv2 image encoder. Input `[B, 3, H, W]` in [0, 1] (no mean/std), H, W multiples of 14.
+
+    `img_size` is the resolution the model is meant to run at (preprocessing resizes to it);
+    `pos_grid` is the side of the stored position-embedding grid, `img_size // 14` unless a
+    checkpoint says otherwise (TIPS v1 high-res models run at 448 with a 16x16 grid).
+    """
+
+    def __init__(self, size: str, img_size: int = 224, drop_path_rate: float = 0.0, pos_grid: int | None = None):
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer
+
+        img_size = int(img_size)
+        if img_size <= 0 or img_size % PATCH_SIZE:
+            raise TipslabError(f"model.vision.img_size={img_size} must be a positive multiple of {PATCH_SIZE}")
+        pos_grid = int(pos_grid) if pos_grid else img_size // PATCH_SIZE
+        self.size = size
+        self.img_size = img_size
+        self.pos_grid = pos_grid
+        self.patch_size = PATCH_SIZE
+        # timm sizes the position table from its img_size: give it the grid's resolution.
+        self.vit = VisionTransformer(**timm_vit_kwargs(size, pos_grid * PATCH_SIZE, drop_path_rate))
+        self.embed_dim = self.vit.embed_dim
+        # DINOv2 initialises the mask token to zeros; shape [1, D] as in the official files.
+        self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim))
+
+    @property
+    def blocks(self) -> nn.Sequential:
+        """The transformer blocks (units of activation checkpointing and FSDP2 sharding)."""
+        return self.vit.blocks
+
+    # -- tokens -----------------------------------------------------------------------------
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise TipslabError(f"images must be [B, 3, H, W]; got shape {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        if h % PATCH_SIZE or w % PATCH_SIZE or h == 0 or w == 0:
+            raise TipslabError(f"image size {h}x{w} is not a multiple of the patch size {PATCH_SIZE}")
+
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch position embeddings `[1, h*w, D]` for a patch grid, resized as the official code."""
+        from timm.layers import resample_abs_pos_embed
+
+        # Bilinear + antialias, by output size (official: interpolate_offset=0), not timm's bicubic.
+        return resample_abs_pos_embed(
+            self.vit.pos_embed,
+            new_size=list(grid),
+            old_size=list(self.vit.patch_embed.grid_size),
+            num_prefix_tokens=0,
+            interpolation="bilinear",
+            antialias=True,
+        )
+
+    def tokens(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """`[CLS1, CLS2, patches]` with positions added: the input of the first block."""
+        self._check_images(images)
+        vit = self.vit
+        x = vit.patch_embed(images)  # [B, h, w, D]: dynamic_img_size keeps the grid shape
+        batch, h, w, dim = x.shape
+        x = x.reshape(batch, h * w, dim)
+        if mask is not None:
+            if mask.shape != (batch, h * w) or mask.dtype != torch.bool:
+                raise TipslabError(
+                    f"mask must be a bool tensor of shape [{batch}, {h * w}] (one entry per patch); "
+                    f"got {mask.dtype} {tuple(mask.shape)}"
+                )
+            # Before the positions, as DINOv2/iBOT: a masked patch still knows where it is.
+            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+        x = x + self.position_embedding((h, w))
+        # timm folded the CLS position into cls_token; the register gets no position (official).
+        prefix = [vit.cls_token.expand(batch, -1, -1), vit.reg_token.expand(batch, -1, -1)]
+        x = torch.cat(prefix + [x], dim=1)
+        x = vit.pos_drop(x)
+        x = vit.patch_drop(x)
+        x = vit.norm_pre(x)
+        return x, (h, w)
+
+    def _split(self, x: torch.Tensor, grid: tuple[int, int]) -> VisionOutput:
+        x = self.vit.norm(x)
+        return VisionOutput(cls1=x[:, 0], cls2=x[:, 1], patches=x[:, 2:], grid=grid)
+
+    # -- forwards ---------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> VisionOutput:
+        x, grid = self.tokens(images, mask)
+        x = self.vit.blocks(x)
+        return self._split(x, grid)
+
+    def forward_dense(self, images: torch.Tensor) -> VisionOutput:
+        """Outputs whose patches are the last block's value path (MaskCLIP trick, official notebook).
+
+        In the last block attention is replaced by `attn.proj(v)`: each token keeps its own value
+        instead of mixing with others, which localises patch-text similarity. LayerScale, the
+        residual and the MLP residual stay; then the final norm. CLS1/CLS2 come from the same
+        pass (so they are value-path tokens too); use `forward` for the ordinary CLS tokens.
+        """
+        x, grid = self.tokens(images)
+        blocks = list(self.vit.blocks)
+        for block in blocks[:-1]:
+            x = block(x)
+        last = getattr(blocks[-1], "_checkpoint_wrapped_module", blocks[-1])
+        attn = last.attn
+        qkv = attn.qkv(last.norm1(x))
+        v = qkv[..., 2 * attn.attn_dim :]  # qkv is laid out [q | k | v], heads contiguous inside
+        x = x + last.drop_path1(last.ls1(attn.proj(attn.norm(v))))
+        x = x + last.drop_path2(last.ls2(last.mlp(last.norm2(x))))
+        return self._split(x, grid)

@@ -1,0 +1,151 @@
+"""The vision tower: shapes at any multiple of 14, the mask token, official position resizing,
+the dense (value-path) output, and agreement of the size table with timm's TIPSv2 models."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tipslab.errors import TipslabError
+from tipslab.modules.vision import TIMM_NAMES, VISION_SIZES, VisionTower
+
+
+@pytest.fixture(scope="module")
+def tower():
+    torch.manual_seed(0)
+    model = VisionTower("tiny", img_size=56).eval()
+    # Random, non-trivial tokens so that every path matters (zeros would hide bugs).
+    with torch.no_grad():
+        for name in ("mask_token",):
+            getattr(model, name).normal_()
+        model.vit.pos_embed.normal_(std=0.5)
+        model.vit.reg_token.normal_()
+    return model
+
+
+def test_shapes_at_native_and_odd_sizes(tower):
+    images = torch.rand(2, 3, 56, 56)
+    out = tower(images)
+    assert out.cls1.shape == (2, 192) and out.cls2.shape == (2, 192)
+    assert out.patches.shape == (2, 16, 192) and out.grid == (4, 4)
+    odd = tower(torch.rand(1, 3, 126, 98))
+    assert odd.grid == (9, 7) and odd.patches.shape == (1, 63, 192)
+    assert torch.isfinite(odd.patches).all()
+    assert tower.embed_dim == 192 and tower.patch_size == 14 and tower.img_size == 56
+
+
+def test_outputs_are_after_final_norm(tower):
+    out = tower(torch.rand(1, 3, 56, 56))
+    norm = tower.vit.norm
+    # LayerNorm output minus its affine part has zero mean and unit variance per token.
+    for token in (out.cls1, out.cls2, out.patches[:, 5]):
+        plain = (token - norm.bias) / norm.weight
+        assert plain.mean().abs().item() < 1e-4
+        assert plain.var(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_cls_tokens_are_distinct_slots(tower):
+    out = tower(torch.rand(2, 3, 56, 56))
+    assert not torch.allclose(out.cls1, out.cls2)
+
+
+def test_masked_patch_ignores_its_pixels(tower):
+    images = torch.rand(1, 3, 56, 56)
+    changed = images.clone()
+    changed[:, :, 14:28, 28:42] = torch.rand(1, 3, 14, 14)  # patch row 1, col 2 -> index 6
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[0, 6] = True
+    with torch.no_grad():
+        a, b = tower(images, mask=mask), tower(changed, mask=mask)
+        c = tower(changed)
+        plain = tower(images)
+        all_false = tower(images, mask=torch.zeros_like(mask))
+    # With the patch masked its pixels no longer reach any output...
+    torch.testing.assert_close(a.patches, b.patches, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.cls1, b.cls1, rtol=0, atol=1e-6)
+    # ...without the mask they do, and masking changes the masked position itself.
+    assert (c.patches[0, 6] - plain.patches[0, 6]).abs().max() > 1e-3
+    assert (a.patches[0, 6] - plain.patches[0, 6]).abs().max() > 1e-3
+    torch.testing.assert_close(all_false.patches, plain.patches)
+
+
+def test_mask_token_is_added_before_positions(tower):
+    # Two masked patches share the mask token but not their positions, so they differ.
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[0, [0, 15]] = True
+    with torch.no_grad():
+        out = tower(torch.rand(1, 3, 56, 56), mask=mask)
+    assert (out.patches[0, 0] - out.patches[0, 15]).abs().max() > 1e-3
+
+
+def test_position_embedding_follows_official_bilinear_antialias(tower):
+    grid = (9, 3)
+    pos = tower.vit.pos_embed.detach()  # [1, 16, D] for the 4x4 grid
+    d = pos.shape[-1]
+    # Official interpolate_pos_encoding (interpolate_offset=0, interpolate_antialias=True).
+    ref = F.interpolate(pos.reshape(1, 4, 4, d).permute(0, 3, 1, 2), size=grid, mode="bilinear", antialias=True)
+    ref = ref.permute(0, 2, 3, 1).reshape(1, -1, d)
+    torch.testing.assert_close(tower.position_embedding(grid), ref)
+    bicubic = F.interpolate(pos.reshape(1, 4, 4, d).permute(0, 3, 1, 2), size=grid, mode="bicubic", antialias=True)
+    assert (bicubic.permute(0, 2, 3, 1).reshape(1, -1, d) - ref).abs().max() > 1e-3
+    torch.testing.assert_close(tower.position_embedding((4, 4)), pos)
+
+
+def test_dense_output_is_last_block_value_path(tower):
+    images = torch.rand(2, 3, 70, 42)
+    with torch.no_grad():
+        dense = tower.forward_dense(images)
+        normal = tower(images)
+        # The official notebook's formula, on the tower's own tokens and blocks.
+        x, grid = tower.tokens(images)
+        for block in list(tower.blocks)[:-1]:
+            x = block(x)
+        blk = tower.blocks[-1]
+        h = blk.norm1(x)
+        b, n, c = h.shape
+        heads = blk.attn.num_heads
+        qkv = blk.attn.qkv(h).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        v = qkv[2].transpose(1, 2).reshape(b, n, c)
+        x = x + blk.ls1(blk.attn.proj(v))
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        ref = tower.vit.norm(x)[:, 2:]
+    assert dense.grid == grid == (5, 3)
+    torch.testing.assert_close(dense.patches, ref, rtol=1e-5, atol=1e-5)
+    assert (dense.patches - normal.patches).abs().max() > 1e-3
+
+
+def test_bad_inputs_are_clear_errors(tower):
+    with pytest.raises(TipslabError, match="multiple of the patch size"):
+        tower(torch.rand(1, 3, 50, 56))
+    with pytest.raises(TipslabError, match=r"bool tensor of shape \[1, 16\]"):
+        tower(torch.rand(1, 3, 56, 56), mask=torch.zeros(1, 15, dtype=torch.bool))
+    with pytest.raises(TipslabError, match="not known"):
+        VisionTower("huge")
+    with pytest.raises(TipslabError, match="multiple of 14"):
+        VisionTower("tiny", img_size=100)
+
+
+def test_drop_path_rate_reaches_the_blocks():
+    model = VisionTower("tiny", img_size=28, drop_path_rate=0.2)
+    assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("size", sorted(TIMM_NAMES))
+def test_size_table_matches_timm_tipsv2(size):
+    import timm
+
+    with torch.device("meta"):
+        ours = VisionTower(size, img_size=448)
+        theirs = timm.create_model(TIMM_NAMES[size], pretrained=False, num_classes=0)
+    ours_shapes = {k: tuple(v.shape) for k, v in ours.vit.state_dict().items()}
+    theirs_shapes = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert ours_shapes == theirs_shapes
+    assert ours.mask_token.shape == (1, VISION_SIZES[size]["embed_dim"])
+    assert ours.vit.patch_embed.grid_size == (32, 32)
+
+
+def test_pos_grid_decouples_table_from_resolution():
+    model = VisionTower("tiny", img_size=56, pos_grid=2)
+    assert model.vit.pos_embed.shape[1] == 4 and model.img_size == 56
+    assert math.isfinite(model(torch.rand(1, 3, 56, 56)).cls1.sum().item())
