@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import logging
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -38,3 +36,43 @@ class LossHistory(L.Callback):
 def StepThroughput(window_size: int = 10) -> ThroughputMonitor:
     """Lightning's throughput monitor, told how to count images in a tipslab Batch."""
     return ThroughputMonitor(batch_size_fn=lambda batch: batch.images.shape[0], window_size=window_size)
+
+
+class PicturesCallback(L.Callback):
+    """Logs to MLflow: the first training batch with its captions, and at the end patch-text
+    heatmaps on scenes validation images (each object's class name against the patches)."""
+
+    def __init__(self, cfg, tokenizer, num_images: int = 4):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.num_images = num_images
+
+    def _log(self, trainer, path: Path) -> None:
+        logger = trainer.logger
+        if logger is not None and getattr(logger, "run_id", None):
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="pictures")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != 1 or not trainer.is_global_zero:
+            return
+        from tipslab.platform.pictures import batch_preview
+
+        captions = getattr(batch, "captions", None) or [""] * len(batch.images)
+        path = batch_preview(batch.images, captions, Path(self.cfg.run_dir) / "pictures" / "batch.png")
+        self._log(trainer, path)
+
+    def on_train_end(self, trainer, pl_module):
+        if not trainer.is_global_zero or type(pl_module.encoder.logit_scale).__name__ == "DTensor":
+            return  # sharded encoders are pictured after export, from the saved model
+        from tipslab.datamodules.scenes import ScenesDataset
+        from tipslab.platform.pictures import heatmap_grid, patch_text_heatmaps
+
+        data = self.cfg.data
+        val = ScenesDataset("val", num_images=max(int(data.num_val), 1), image_size=int(data.image_size),
+                            seed=int(self.cfg.seed))
+        scenes = [val.scene(i) for i in range(min(self.num_images, len(val)))]
+        images = torch.stack([s.to_tensor() for s in scenes]).to(pl_module.device)
+        labels = [sorted(set(s.class_names))[:3] for s in scenes]
+        maps = patch_text_heatmaps(pl_module.encoder, self.tokenizer, images, labels)
+        path = heatmap_grid(images, labels, maps, Path(self.cfg.run_dir) / "pictures" / "patch_text_heatmaps.png")
+        self._log(trainer, path)
