@@ -34,7 +34,8 @@ class PretrainingSystem(L.LightningModule):
         super().__init__()
         cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
         # Saved into every Lightning checkpoint, so a checkpoint rebuilds its own system.
-        self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)})
+        # (logger=False: the tracker logs the flattened config itself, once per run, see tracking.py)
+        self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)}, logger=False)
         self.cfg = cfg
         self.encoder = build_encoder(cfg.model)
         self.components = build_components(cfg.components, embed_dim=self.encoder.vision.embed_dim)

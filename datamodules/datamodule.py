@@ -1,0 +1,184 @@
+"""`PretrainDataModule`: the ``data:`` config block -> a resumable stream of `Batch`es for training.
+
+Sources (``data.source``):
+
+- ``scenes``: the built-in seeded scenes (``num_train`` images; nothing to download);
+- ``shards``: a folder (or pattern, or list) of webdataset tars, ``data.path``;
+- ``manifest``: a parquet file with ``image_path`` and caption columns, ``data.path``.
+
+Each sample gets a DINOv2 global crop and two texts: its alt-text for CLS1 and one caption
+sampled from ``caption_granularities`` (weights ``caption_probs``) for CLS2. Every random choice
+is seeded by ``(seed, epoch, sample)``, so a seed fixes the batches, with any worker count.
+
+The training loader is a `ResumableLoader`: Lightning stores its position in checkpoints and a
+resumed run continues with exactly the batch after the last one trained on.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from tipslab.datamodules.loader import ResumableLoader
+from tipslab.datamodules.streams import MapBatchStream, SampleProcessor, ShardBatchStream
+from tipslab.datamodules.transforms import GlobalCrop, Resize, check_image_size
+from tipslab.errors import TipslabError
+
+SOURCES = ("scenes", "shards", "manifest")
+DEFAULTS = {
+    "source": "scenes",
+    "path": None,
+    "num_train": 2048,
+    "num_val": 64,
+    "image_size": 112,
+    "batch_size": 32,
+    "num_workers": 0,
+    "caption_granularities": ["short", "long"],
+    "caption_probs": None,
+    # Not in the experiment defaults (yet); read if present.
+    "crop_scale": [0.32, 1.0],
+    "flip": False,
+    "shuffle_buffer": 1000,
+}
+TINY_HINT = "to run the tiny built-in scenes experiment instead: make train EXP=tipsv2_tiny"
+
+
+def _plain(cfg) -> dict:
+    """The data config as a plain dict (OmegaConf DictConfig or any mapping)."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if not isinstance(cfg, Mapping):
+        raise TipslabError(f"data config is a {type(cfg).__name__}; expected a mapping (the data: block)")
+    # Unknown keys are the config loader's to reject (struct mode against defaults.yaml).
+    return {**DEFAULTS, **dict(cfg)}
+
+
+def _distributed(trainer) -> tuple[int, int]:
+    if trainer is not None:
+        return int(trainer.global_rank), int(trainer.world_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _on_cuda(trainer) -> bool:
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    return isinstance(trainer.accelerator, CUDAAccelerator)
+
+
+class PretrainDataModule(L.LightningDataModule):
+    def __init__(self, data_cfg, tokenizer, seed: int = 0):
+        super().__init__()
+        self.cfg = _plain(data_cfg)
+        self.tokenizer = tokenizer
+        self.seed = int(seed)
+        cfg = self.cfg
+        if cfg["source"] not in SOURCES:
+            raise TipslabError(f"data.source={cfg['source']!r}; expected one of {', '.join(SOURCES)}")
+        self.image_size = check_image_size(cfg["image_size"])
+        for key in ("batch_size", "num_train", "num_val"):
+            if int(cfg[key]) < (0 if key == "num_val" else 1):
+                raise TipslabError(f"data.{key}={cfg[key]}; expected a positive number")
+        if int(cfg["num_workers"]) < 0:
+            raise TipslabError(f"data.num_workers={cfg['num_workers']}; expected 0 or more")
+        if cfg["source"] in ("shards", "manifest"):
+            self._check_path()
+        self.processor = SampleProcessor(
+            GlobalCrop(self.image_size, scale=tuple(cfg["crop_scale"]), flip=bool(cfg["flip"])),
+            cfg["caption_granularities"], cfg["caption_probs"],
+        )
+        # Weak: the trainer holds the loader it trains from; loaders others asked for may go.
+        self._train_loaders: weakref.WeakSet[ResumableLoader] = weakref.WeakSet()
+
+    def _check_path(self) -> None:
+        source, path = self.cfg["source"], self.cfg["path"]
+        what = "a folder of webdataset .tar shards" if source == "shards" else "a parquet manifest"
+        if not path:
+            raise TipslabError(f"data.source={source} needs data.path ({what}) but the data path is missing; "
+                               f"set data.path=..., or {TINY_HINT}")
+        if isinstance(path, str) and "{" not in path and "://" not in path and not Path(path).exists():
+            raise TipslabError(f"data.path={path}: the data path is missing (expected {what}); {TINY_HINT}")
+
+    # -- sources ------------------------------------------------------------------------------
+    def train_source(self):
+        """The map-style dataset (scenes, manifest) or `ShardDataset` (shards) training reads."""
+        cfg = self.cfg
+        if cfg["source"] == "scenes":
+            from tipslab.datamodules.scenes import ScenesDataset
+
+            return ScenesDataset("train", int(cfg["num_train"]), self.image_size, seed=self.seed)
+        if cfg["source"] == "manifest":
+            from tipslab.datamodules.manifest import ManifestDataset
+
+            return ManifestDataset(cfg["path"])
+        from tipslab.datamodules.shards import ShardDataset
+
+        return ShardDataset(cfg["path"], seed=self.seed, shuffle_buffer=int(cfg["shuffle_buffer"]))
+
+    def train_stream(self, rank: int = 0, world_size: int = 1):
+        cfg = self.cfg
+        source = self.train_source()
+        if cfg["source"] == "shards":
+            return ShardBatchStream(source, int(cfg["batch_size"]), self.tokenizer, self.processor, seed=self.seed,
+                                    rank=rank, world_size=world_size, num_workers=int(cfg["num_workers"]))
+        return MapBatchStream(source, int(cfg["batch_size"]), self.tokenizer, self.processor, seed=self.seed,
+                              rank=rank, world_size=world_size)
+
+    # -- loaders ------------------------------------------------------------------------------
+    def train_dataloader(self) -> ResumableLoader:
+        # Lightning warns that an IterableDataset's __len__ "could be inaccurate" with workers;
+        # ours is exact (batches are split over workers by construction, see streams.py).
+        warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+        rank, world = _distributed(self.trainer)
+        stream = self.train_stream(rank, world)
+        workers = int(self.cfg["num_workers"])
+        loader = ResumableLoader(
+            stream,
+            num_workers=workers,
+            # Inside a Trainer, a batch counts once a training step takes it (see loader.py).
+            count_on_yield=self.trainer is None,
+            pin_memory=self.trainer is not None and _on_cuda(self.trainer),
+            describe={"seed": self.seed, "batch_size": int(self.cfg["batch_size"]), "world_size": world,
+                      "rank": rank, "num_workers": workers, "source": self.cfg["source"]},
+        )
+        self._train_loaders.add(loader)
+        return loader
+
+    def val_loader(self, batch_size: int | None = None) -> torch.utils.data.DataLoader:
+        """Unaugmented batches of the scenes val split (whole image resized, seeded captions).
+
+        Not a Lightning ``val_dataloader``: the pretraining system has no validation step, the
+        evaluators call this when they want held-out scenes.
+        """
+        if self.cfg["source"] != "scenes" or int(self.cfg["num_val"]) < 1:
+            raise TipslabError("data: a validation split exists only for data.source=scenes with data.num_val > 0")
+        from tipslab.datamodules.scenes import ScenesDataset
+
+        dataset = ScenesDataset("val", int(self.cfg["num_val"]), self.image_size, seed=self.seed)
+        processor = SampleProcessor(Resize(self.image_size), self.cfg["caption_granularities"],
+                                    self.cfg["caption_probs"])
+        size = min(int(batch_size or self.cfg["batch_size"]), len(dataset))
+        stream = MapBatchStream(dataset, size, self.tokenizer, processor, seed=self.seed, shuffle=False)
+        return ResumableLoader(stream, num_workers=0)
+
+    # -- Lightning hooks ----------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Lightning calls this for the batch a training step is about to use (after its own
+        # one-batch prefetch): that is when the batch counts as consumed for resuming.
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            for loader in self._train_loaders:
+                if loader.mark_consumed(batch):
+                    break
+        return batch

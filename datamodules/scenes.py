@@ -1,0 +1,324 @@
+"""The built-in scenes dataset: seeded synthetic images with captions at three granularities.
+
+Each image holds 1-4 coloured shapes (circle, square, ...) of a size, a texture and a position
+over a dark, noisy gradient. It comes with
+
+- captions: ``alt`` (terse, alt-text-like: the class names), ``short`` (one sentence naming
+  every object) and ``long`` (every object with size, texture, colour and position, plus
+  spatial relations), the three granularities TIPSv2 trains on;
+- ground truth per object: class name (colour + shape, e.g. "red circle"; the vocabulary is
+  `scene_class_names()`), visible binary mask and box.
+
+Everything follows from ``(seed, index)``: nothing is stored and nothing is downloaded, so the
+tiny experiment, the tests and zero-shot segmentation all run offline on the same data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from tipslab.errors import TipslabError
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring", "diamond")
+# Saturated or bright colours: the background is kept dark and desaturated (below), so an
+# object's pixels are never mistaken for background and masks are "where the colour is".
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (40, 200, 60),
+    "blue": (40, 90, 235),
+    "yellow": (240, 220, 40),
+    "purple": (150, 50, 200),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+}
+SIZES: tuple[str, ...] = ("small", "large")
+TEXTURES: tuple[str, ...] = ("solid", "striped", "dotted")
+SPLITS: tuple[str, ...] = ("train", "val")
+
+# Radius of an object's circumscribed circle, as a fraction of the image side.
+_RADIUS = {"small": (0.085, 0.115), "large": (0.16, 0.21)}
+# Pattern pixels of striped/dotted objects are the colour darkened by this factor: still the
+# object's hue, and still far from the background.
+TEXTURE_SHADE = 0.55
+_BACKGROUND_MAX = 95  # every background channel stays at or below this (before noise, ~+3 sigma)
+
+
+def scene_class_names() -> list[str]:
+    """Every class an object can have, "colour shape", in a fixed order (colour-major)."""
+    return [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+
+
+@dataclass
+class SceneObject:
+    class_name: str  # "red circle": the segmentation / classification label
+    shape: str
+    colour: str
+    size: str  # small | large
+    texture: str  # solid | striped | dotted
+    mask: np.ndarray  # bool [H, W]: the visible pixels (later objects occlude earlier ones)
+    bbox: tuple[int, int, int, int]  # (x0, y0, x1, y1) of the visible mask, x1/y1 exclusive
+    position: str  # "top left", "center", ... (3x3 grid cell of the mask's centroid)
+
+
+@dataclass
+class Scene:
+    image: np.ndarray  # uint8 [H, W, 3]
+    objects: list[SceneObject]
+    captions: dict[str, str]  # {"alt", "short", "long"}
+    id: str
+    class_names: list[str] = field(default_factory=list)  # of the objects, in drawing order
+
+    def to_tensor(self) -> torch.Tensor:
+        """The image as float [3, H, W] in [0, 1] (the contract's pixel format, no mean/std)."""
+        return torch.from_numpy(self.image).permute(2, 0, 1).float().div_(255.0)
+
+
+# -- geometry ---------------------------------------------------------------------------------
+
+
+def _shape_mask(shape: str, cx: float, cy: float, radius: float, angle: float, size: int) -> np.ndarray:
+    """Bool [size, size] of one shape drawn with PIL (polygons rotated by ``angle`` radians)."""
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+
+    def polygon(points: list[tuple[float, float]]) -> None:
+        cos, sin = math.cos(angle), math.sin(angle)
+        draw.polygon([(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in points], fill=1)
+
+    r = radius
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+    elif shape == "ring":
+        inner = 0.55 * r
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+        draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=0)
+    elif shape == "square":
+        h = r / math.sqrt(2)
+        polygon([(-h, -h), (h, -h), (h, h), (-h, h)])
+    elif shape == "diamond":
+        polygon([(0, -r), (0.7 * r, 0), (0, r), (-0.7 * r, 0)])
+    elif shape == "triangle":
+        polygon([(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2 + k * 2 * math.pi / 3 for k in range(3))])
+    elif shape == "star":
+        points = []
+        for k in range(10):
+            a = -math.pi / 2 + k * math.pi / 5
+            rr = r if k % 2 == 0 else 0.45 * r
+            points.append((rr * math.cos(a), rr * math.sin(a)))
+        polygon(points)
+    elif shape == "cross":
+        w = 0.33 * r
+        polygon([(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w),
+                 (-w, -w)])
+    else:  # pragma: no cover - SHAPES is closed
+        raise ValueError(shape)
+    return np.asarray(canvas, dtype=bool)
+
+
+def _texture_pattern(texture: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Bool [size, size]: the pixels an object's texture darkens (all False for solid)."""
+    if texture == "solid":
+        return np.zeros((size, size), dtype=bool)
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    period = max(4.0, size / rng.uniform(14.0, 20.0))
+    if texture == "striped":
+        angle = rng.uniform(0, math.pi)
+        proj = xs * math.cos(angle) + ys * math.sin(angle)
+        return (np.floor(proj / (period / 2)) % 2).astype(bool)
+    # dotted: a grid of round dots
+    dx = (xs % period) - period / 2
+    dy = (ys % period) - period / 2
+    return dx * dx + dy * dy <= (period * 0.28) ** 2
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Float [size, size, 3]: a dark gradient between two desaturated colours, plus noise."""
+    start = rng.uniform(10, _BACKGROUND_MAX - 20, size=3)
+    end = rng.uniform(10, _BACKGROUND_MAX - 20, size=3)
+    angle = rng.uniform(0, 2 * math.pi)
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    t = (xs - 0.5) * math.cos(angle) + (ys - 0.5) * math.sin(angle)
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    image = start[None, None, :] * (1 - t[..., None]) + end[None, None, :] * t[..., None]
+    image += rng.normal(0.0, 5.0, size=image.shape)
+    return np.clip(image, 0, _BACKGROUND_MAX)
+
+
+def position_name(cx: float, cy: float, size: int) -> str:
+    """The 3x3 grid cell of a point: "top left", "top", ..., "center", ..., "bottom right"."""
+    col = min(int(3 * cx / size), 2)
+    row = min(int(3 * cy / size), 2)
+    vertical = ("top", "", "bottom")[row]
+    horizontal = ("left", "", "right")[col]
+    return " ".join(part for part in (vertical, horizontal) if part) or "center"
+
+
+def _where(position: str) -> str:
+    """A position as a phrase: "in the top left", "at the top", "on the left", "in the center"."""
+    if position == "center":
+        return "in the center"
+    if " " in position:
+        return f"in the {position}"
+    if position in ("top", "bottom"):
+        return f"at the {position}"
+    return f"on the {position}"
+
+
+def _article(words: str) -> str:
+    return ("an " if words[0] in "aeiou" else "a ") + words
+
+
+def _relation(a: SceneObject, b: SceneObject, ca: tuple[float, float], cb: tuple[float, float]) -> str:
+    """How ``a`` sits relative to ``b``, along the axis where they differ most."""
+    dx, dy = ca[0] - cb[0], ca[1] - cb[1]
+    if abs(dx) >= abs(dy):
+        where = "left of" if dx < 0 else "right of"
+    else:
+        where = "above" if dy < 0 else "below"
+    return f"the {a.class_name} is {where} the {b.class_name}"
+
+
+# -- captions ---------------------------------------------------------------------------------
+
+
+def _captions(objects: list[SceneObject], centroids: list[tuple[float, float]], rng: np.random.Generator) -> dict:
+    order = [int(i) for i in rng.permutation(len(objects))]
+    names = [objects[i].class_name for i in order]
+    # alt: terse like web alt-text, the class names only.
+    alt = ", ".join(names)
+    # short: one sentence naming every object.
+    listed = [_article(n) for n in names]
+    joined = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " and " + listed[-1]
+    short = f"{joined[0].upper()}{joined[1:]}."
+    # long: every attribute of every object, then relations between neighbours in the listing.
+    # Kept compact (no filler words): short context lengths truncate the tail.
+    parts = []
+    for i in order:
+        obj = objects[i]
+        parts.append(f"{_article(f'{obj.size} {obj.texture} {obj.class_name}')} {_where(obj.position)}")
+    sentence = "; ".join(parts)
+    relations = [_relation(objects[a], objects[b], centroids[a], centroids[b]) for a, b in zip(order, order[1:])]
+    long = f"{sentence[0].upper()}{sentence[1:]}."
+    if relations:
+        long += " " + "; ".join(r[0].upper() + r[1:] if k == 0 else r for k, r in enumerate(relations)) + "."
+    return {"alt": alt, "short": short, "long": long}
+
+
+# -- one scene --------------------------------------------------------------------------------
+
+
+def generate_scene(seed: int, index: int, image_size: int = 112, id: str | None = None) -> Scene:
+    """Scene number ``index`` of the stream ``seed``: the same arguments give the same scene."""
+    if image_size < 32:
+        raise TipslabError(f"scenes: image_size={image_size} is too small; expected at least 32 pixels")
+    if index < 0 or seed < 0:
+        raise TipslabError(f"scenes: seed and index must be non-negative, got seed={seed}, index={index}")
+    rng = np.random.default_rng([int(seed), int(index)])
+    size = int(image_size)
+    image = _background(rng, size)
+    count = int(rng.integers(1, 5))
+    # Distinct classes within a scene, so every caption phrase names exactly one object.
+    picks = rng.choice(len(COLOURS) * len(SHAPES), size=count, replace=False)
+    colour_names = list(COLOURS)
+
+    full_masks: list[np.ndarray] = []
+    specs: list[dict] = []
+    occupied = np.zeros((size, size), dtype=bool)
+    for pick in picks:
+        colour, shape = colour_names[int(pick) // len(SHAPES)], SHAPES[int(pick) % len(SHAPES)]
+        obj_size = SIZES[int(rng.integers(len(SIZES)))]
+        texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
+        radius = rng.uniform(*_RADIUS[obj_size]) * size
+        # Rejection-sample a centre with little overlap, so every object stays clearly visible.
+        best = None
+        for _ in range(30):
+            cx, cy = rng.uniform(radius, size - radius, size=2)
+            mask = _shape_mask(shape, cx, cy, radius, rng.uniform(0, 2 * math.pi), size)
+            overlap = (mask & occupied).sum() / max(mask.sum(), 1)
+            if best is None or overlap < best[0]:
+                best = (overlap, mask)
+            if overlap <= 0.05:
+                break
+        mask = best[1]
+        occupied |= mask
+        full_masks.append(mask)
+        specs.append(dict(shape=shape, colour=colour, size=obj_size, texture=texture,
+                          pattern=_texture_pattern(texture, rng, size)))
+
+    for mask, spec in zip(full_masks, specs):
+        rgb = np.asarray(COLOURS[spec["colour"]], dtype=np.float64)
+        image[mask] = rgb
+        image[mask & spec["pattern"]] = rgb * TEXTURE_SHADE
+
+    objects: list[SceneObject] = []
+    centroids: list[tuple[float, float]] = []
+    for k, (mask, spec) in enumerate(zip(full_masks, specs)):
+        visible = mask.copy()
+        for later in full_masks[k + 1:]:
+            visible &= ~later
+        if not visible.any():  # fully hidden (rare with the rejection above): keep its full mask
+            visible = mask
+        ys, xs = np.nonzero(visible)
+        cx, cy = float(xs.mean()), float(ys.mean())
+        centroids.append((cx, cy))
+        objects.append(SceneObject(
+            class_name=f"{spec['colour']} {spec['shape']}", shape=spec["shape"], colour=spec["colour"],
+            size=spec["size"], texture=spec["texture"], mask=visible,
+            bbox=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
+            position=position_name(cx, cy, size),
+        ))
+
+    captions = _captions(objects, centroids, rng)
+    return Scene(
+        image=np.round(image).astype(np.uint8),
+        objects=objects,
+        captions=captions,
+        id=id if id is not None else f"{seed}/{index:06d}",
+        class_names=[o.class_name for o in objects],
+    )
+
+
+# -- the dataset ------------------------------------------------------------------------------
+
+
+def split_seed(seed: int, split: str) -> int:
+    """The scene stream of a split: train and val use disjoint streams (even / odd) for any seed."""
+    if split not in SPLITS:
+        raise TipslabError(f"scenes: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    return 2 * int(seed) + SPLITS.index(split)
+
+
+class ScenesDataset(torch.utils.data.Dataset):
+    """A map-style dataset of ``num_images`` scenes of one split.
+
+    ``dataset[i]`` is the sample dict every source yields: ``{"image": float [3,H,W] in [0,1],
+    "captions": {"alt","short","long"}, "id": "val/000003"}``. ``dataset.scene(i)`` gives the
+    full `Scene` with object masks and boxes (for evaluation).
+    """
+
+    def __init__(self, split: str = "train", num_images: int = 2048, image_size: int = 112, seed: int = 0):
+        if int(num_images) < 1:
+            raise TipslabError(f"scenes: num_images={num_images}; expected a positive number of images")
+        self.split = split
+        self.stream = split_seed(seed, split)
+        self.num_images = int(num_images)
+        self.image_size = int(image_size)
+        self.seed = int(seed)
+        self.class_names = scene_class_names()
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def scene(self, index: int) -> Scene:
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"scenes {self.split}: index {index} out of range [0, {self.num_images})")
+        return generate_scene(self.stream, index, self.image_size, id=f"{self.split}/{index:06d}")
+
+    def __getitem__(self, index: int) -> dict:
+        scene = self.scene(int(index))
+        return {"image": scene.to_tensor(), "captions": scene.captions, "id": scene.id}

@@ -1,0 +1,196 @@
+"""Seeded batch streams: sources -> processed samples -> `Batch`es, split over ranks and workers.
+
+A stream is an ``IterableDataset`` that yields whole batches (the ``DataLoader`` runs with
+``batch_size=None``), because batching inside the worker is what makes the order exact:
+
+- every random choice for a sample (crop, flip, caption) comes from a generator seeded with
+  ``(seed, epoch, sample)``, never from a process's global RNG, so it does not matter which
+  worker makes the sample;
+- worker ``w`` of ``W`` makes the stream's batches ``w, w+W, w+2W, ...`` and PyTorch's data loader
+  returns workers' outputs round-robin, so batches come out in stream order for any ``W``.
+
+Both streams can start part-way (`set_position`), which is how `ResumableLoader` resumes
+mid-epoch. Each yielded batch carries ``batch.stream_token`` so the loader that made it can be
+told when it was consumed.
+
+`MapBatchStream` (scenes, manifests): an epoch is a seeded permutation of the dataset; rank ``r``
+takes global batches ``r, r+R, ...``; a last partial batch is dropped so every rank makes the
+same number of steps (collectives must not hang).
+
+`ShardBatchStream` (webdataset shards): endless, pass after pass over the shards, so no rank
+ever runs out first. Resuming re-reads and decodes the consumed samples of the current pass
+without transforming them (tar streams cannot seek).
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from tipslab.datamodules.batch import Batch, collate
+from tipslab.datamodules.captions import alt_caption, check_probs, sample_caption
+from tipslab.datamodules.sample import CorruptSample
+from tipslab.datamodules.shards import ShardDataset
+from tipslab.datamodules.transforms import mirror_text
+from tipslab.errors import TipslabError
+
+log = logging.getLogger(__name__)
+
+# How far a corrupt map-style sample may be replaced by its successors before giving up.
+MAX_CONSECUTIVE_CORRUPT = 16
+
+
+def sample_rng(seed: int, epoch: int, sample: int) -> np.random.Generator:
+    """The generator of one sample's random choices in one epoch."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(sample) & 0xFFFFFFFF])
+
+
+def key_number(key: str) -> int:
+    """A stable number for a sample key (shard samples have keys, not indices)."""
+    return zlib.crc32(key.encode("utf-8"))
+
+
+class SampleProcessor:
+    """One sample + its generator -> the item `collate` takes: image view, alt text, caption."""
+
+    def __init__(self, view: Callable, granularities: Sequence[str] = ("short", "long"),
+                 probs: Sequence[float] | None = None):
+        self.view = view
+        self.granularities = tuple(granularities)
+        check_probs(self.granularities, probs)  # fail at construction, not in a worker
+        self.probs = None if probs is None else [float(p) for p in probs]
+
+    def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
+        image, flipped = self.view(sample["image"], rng)
+        sample_id = str(sample["id"])
+        alt = alt_caption(sample["captions"], rng, sample_id)
+        granularity, caption = sample_caption(sample["captions"], rng, self.granularities, self.probs, sample_id)
+        if flipped:  # the picture was mirrored: so are its words
+            alt, caption = mirror_text(alt), mirror_text(caption)
+        return {"image": image, "alt": alt, "caption": caption, "granularity": granularity, "id": sample_id}
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class MapBatchStream(torch.utils.data.IterableDataset):
+    """Batches of a map-style dataset, one seeded permutation per epoch (see module docstring)."""
+
+    def __init__(self, dataset, batch_size: int, tokenizer, processor: SampleProcessor, seed: int = 0,
+                 shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise TipslabError(f"data.batch_size={batch_size}; expected a positive number")
+        self.dataset, self.batch_size, self.tokenizer, self.processor = dataset, int(batch_size), tokenizer, processor
+        self.seed, self.shuffle, self.rank, self.world_size = int(seed), shuffle, int(rank), int(world_size)
+        self.num_batches = len(dataset) // (self.batch_size * self.world_size)
+        if self.num_batches == 0:
+            raise TipslabError(f"data: {len(dataset)} samples make no full batch of {self.batch_size} on each of "
+                               f"{self.world_size} rank(s); use more samples or a smaller data.batch_size")
+        self.epoch, self.start_batch = 0, 0
+        self.stream_token: str | None = None
+        self.skipped = 0
+
+    def set_position(self, epoch: int, start_batch: int) -> None:
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def __len__(self) -> int:
+        return self.num_batches  # batches per epoch on this rank
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Dataset indices in the order of ``epoch`` (all ranks)."""
+        n = len(self.dataset)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed & 0xFFFFFFFF, int(epoch), 0x5EED]).permutation(n)
+
+    def _load(self, index: int) -> tuple[int, dict]:
+        """The sample at ``index``, or its first readable successor (corrupt ones skipped, logged)."""
+        n = len(self.dataset)
+        for step in range(MAX_CONSECUTIVE_CORRUPT):
+            candidate = (index + step) % n
+            try:
+                return candidate, self.dataset[candidate]
+            except CorruptSample as err:
+                self.skipped += 1
+                log.warning("data: skipped corrupt sample %d: %s", candidate, err)
+        raise TipslabError(f"data: {MAX_CONSECUTIVE_CORRUPT} consecutive corrupt samples from index {index}; "
+                           "the source looks broken")
+
+    def make_batch(self, epoch: int, batch: int, order: np.ndarray) -> Batch:
+        """Batch number ``batch`` (on this rank) of ``epoch``."""
+        global_batch = batch * self.world_size + self.rank
+        items = []
+        for index in order[global_batch * self.batch_size:(global_batch + 1) * self.batch_size]:
+            index, sample = self._load(int(index))
+            items.append(self.processor(sample, sample_rng(self.seed, epoch, index)))
+        out = collate(items, self.tokenizer)
+        out.stream_token = self.stream_token
+        return out
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker, workers = _worker()
+        order = self.order(self.epoch)
+        for batch in range(self.start_batch + worker, self.num_batches, workers):
+            yield self.make_batch(self.epoch, batch, order)
+
+
+class ShardBatchStream(torch.utils.data.IterableDataset):
+    """Endless batches of webdataset shards (see module docstring); no ``len``."""
+
+    def __init__(self, shards: ShardDataset, batch_size: int, tokenizer, processor: SampleProcessor,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0):
+        if batch_size < 1:
+            raise TipslabError(f"data.batch_size={batch_size}; expected a positive number")
+        self.shards, self.batch_size, self.tokenizer, self.processor = shards, int(batch_size), tokenizer, processor
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        # The split over slots is fixed by the worker count the stream is built for.
+        self.workers = max(int(num_workers), 1)
+        self.epoch, self.start_batch = 0, 0
+        self.stream_token: str | None = None
+
+    def set_position(self, epoch: int, start_batch: int) -> None:
+        self.epoch, self.start_batch = 0, int(start_batch)  # endless: the position is the batch count
+
+    def _slot_batches(self, slot: int) -> Iterator[list[dict]]:
+        """Lists of ``batch_size`` decoded samples of one slot, pass after pass, forever."""
+        pass_index, empty_passes = 0, 0
+        pending: list[dict] = []
+        while True:
+            got = 0
+            for sample in self.shards.samples(slot, self.world_size * self.workers, pass_index):
+                got += 1
+                sample["_pass"] = pass_index
+                pending.append(sample)
+                if len(pending) == self.batch_size:
+                    yield pending
+                    pending = []
+            empty_passes = empty_passes + 1 if got == 0 else 0
+            if empty_passes >= 2:
+                raise TipslabError(f"shards: data slot {slot} read no valid sample in a whole pass over "
+                                   f"{len(self.shards.urls)} shard(s); every sample is corrupt or the shards are empty")
+            pass_index += 1
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker, workers = _worker()
+        if workers != self.workers:
+            raise TipslabError(f"shards: stream built for {self.workers} worker(s) runs in {workers}")
+        # Global batch g is made by virtual worker g % W as its (g // W)-th batch. A resumed loader
+        # starts its round-robin at real worker 0, so real worker w plays virtual worker
+        # (start + w) % W: the first batch out is then batch `start`, the next start+1, ...
+        virtual = (self.start_batch + worker) % workers
+        first = self.start_batch + worker  # the first global batch this worker makes
+        skip = (first - virtual) // workers  # local batches of the virtual worker already consumed
+        slot = self.rank * workers + virtual
+        for local, samples in enumerate(self._slot_batches(slot)):
+            if local < skip:
+                continue  # already consumed before the resume: decoded, not transformed
+            items = [self.processor(s, sample_rng(self.seed, s["_pass"], key_number(s["key"]))) for s in samples]
+            out = collate(items, self.tokenizer)
+            out.stream_token = self.stream_token
+            yield out

@@ -1,0 +1,117 @@
+"""Image views for pretraining: the DINOv2-style global crop, driven by a per-sample generator.
+
+The crop follows torchvision's ``RandomResizedCrop`` (same parameter algorithm, scale
+(0.32, 1.0) as DINOv2's global crops) but draws from the ``numpy.random.Generator`` it is given,
+not from torch's global RNG: the crop of a sample is then a function of the seed, the epoch and
+the sample, whichever worker process makes it.
+
+Horizontal flip is **off** by default: captions here say "on the left", "left of" and flipping
+the image would make them false. When it is on, the sample's captions are mirrored too (left and
+right swapped), see `mirror_text`.
+
+Output is float ``[3, S, S]`` in ``[0, 1]``: no mean/std normalisation, the TIPS models take raw
+pixels. ``S`` must be a multiple of the patch size (14).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
+
+from tipslab.errors import TipslabError
+
+PATCH_SIZE = 14
+
+
+def check_image_size(image_size: int, what: str = "data.image_size") -> int:
+    size = int(image_size)
+    if size <= 0 or size % PATCH_SIZE != 0:
+        raise TipslabError(f"{what}={image_size} is not a positive multiple of the patch size {PATCH_SIZE} "
+                           f"(e.g. 112, 224)")
+    return size
+
+
+def crop_params(height: int, width: int, rng: np.random.Generator, scale=(0.32, 1.0),
+                ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of a random crop: torchvision's RandomResizedCrop.get_params, seeded."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    # Fallback (as torchvision): the largest centred crop within the ratio bounds.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def to_tensor(image) -> torch.Tensor:
+    """PIL / uint8 / float image as a tensor torchvision can crop (uint8 stays uint8 until resized)."""
+    if isinstance(image, Image.Image):
+        return F.pil_to_tensor(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3:
+        return image
+    raise TipslabError(f"image of type {type(image).__name__}; expected PIL, uint8 [H,W,3] or float [3,H,W]")
+
+
+def _as_float(image: torch.Tensor) -> torch.Tensor:
+    if image.dtype == torch.uint8:
+        return image.float().div_(255.0)
+    return image.float().clamp_(0.0, 1.0)  # antialiased resizing can overshoot a little
+
+
+_SWAP = {"left": "right", "right": "left", "Left": "Right", "Right": "Left"}
+
+
+def mirror_text(text: str) -> str:
+    """A caption of the horizontally flipped image: "left" and "right" swapped."""
+    return re.sub(r"\b(left|right|Left|Right)\b", lambda m: _SWAP[m.group(1)], text)
+
+
+class GlobalCrop:
+    """``crop(image, rng) -> (float [3, S, S], flipped)``: random resized crop, optional flip."""
+
+    def __init__(self, image_size: int, scale=(0.32, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = False):
+        self.image_size = check_image_size(image_size)
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise TipslabError(f"crop scale={tuple(scale)}; expected 0 < min <= max <= 1")
+        self.scale, self.ratio, self.flip = tuple(scale), tuple(ratio), bool(flip)
+
+    def __call__(self, image, rng: np.random.Generator) -> tuple[torch.Tensor, bool]:
+        pixels = to_tensor(image)
+        top, left, h, w = crop_params(pixels.shape[-2], pixels.shape[-1], rng, self.scale, self.ratio)
+        out = F.resized_crop(pixels, top, left, h, w, [self.image_size, self.image_size], antialias=True)
+        flipped = self.flip and bool(rng.random() < 0.5)
+        if flipped:
+            out = F.horizontal_flip(out)
+        return _as_float(out), flipped
+
+
+class Resize:
+    """The evaluation view: the whole image resized to ``S x S`` (no randomness)."""
+
+    def __init__(self, image_size: int):
+        self.image_size = check_image_size(image_size)
+
+    def __call__(self, image, rng: np.random.Generator | None = None) -> tuple[torch.Tensor, bool]:
+        pixels = to_tensor(image)
+        out = F.resize(pixels, [self.image_size, self.image_size], antialias=True)
+        return _as_float(out), False

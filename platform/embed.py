@@ -1,0 +1,240 @@
+"""`tipslab embed`: image, text and patch embeddings of any loadable model, written to one file.
+
+Inputs: image files or folders (`--images`), a manifest parquet with an image-path column
+(`--manifest`), texts (`--texts`, `--texts-file`). Output by suffix:
+
+- `.npz` (read with `allow_pickle=False`): `image_paths`, `image_cls1`, `image_cls2`
+  `[N, D]`, with `--patches` `patches [N, h*w, D]` and `patch_grid [2]`, `texts`, `text [M, D]`,
+  `temperature`;
+- `.parquet`: one row per vector: `kind` (`image_cls1`, `image_cls2`, `patch`, `text`), `source`
+  (image path or text), `patch_row`, `patch_col` (patches only), `embedding` (float32 list).
+
+Embeddings are L2-normalised (what similarity uses) unless `--raw`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tipslab.errors import TipslabError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+MANIFEST_COLUMNS = ("image_path", "path", "image")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "embed",
+        help="write image / text / patch embeddings to .parquet or .npz",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument(
+        "model",
+        nargs="?",
+        help="tipslab checkpoint directory, official TIPS file or directory, HF .safetensors, or a "
+        "release name (tipsv2-b14, resolved under $TIPSLAB_WEIGHTS_DIR); omit with --vision",
+    )
+    parser.add_argument("--vision", help="official vision .npz (with --text and --tokenizer)")
+    parser.add_argument("--text", help="official text .npz")
+    parser.add_argument("--tokenizer", help="SentencePiece tokenizer.model for official models")
+    parser.add_argument("--images", nargs="*", default=[], help="image files and/or folders (searched recursively)")
+    parser.add_argument("--manifest", help=f"parquet with a column {' / '.join(MANIFEST_COLUMNS)} (paths relative to it)")
+    parser.add_argument("--texts", nargs="*", default=[], help="texts to embed")
+    parser.add_argument("--texts-file", help="a UTF-8 file with one text per line")
+    parser.add_argument("--patches", action="store_true", help="also write patch embeddings")
+    parser.add_argument("--dense", action="store_true", help="patches from the last block's value path (segmentation/search)")
+    parser.add_argument("--raw", action="store_true", help="do not L2-normalise")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", required=True, help="output file, .parquet or .npz")
+    parser.set_defaults(func=run_embed)
+    return parser
+
+
+# ------------------------------------------------------------------------------- inputs
+def collect_images(items: list[str], manifest: str | None) -> list[Path]:
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise TipslabError(f"--images {path}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise TipslabError(f"--images {path}: no such file or folder")
+    if manifest:
+        paths.extend(_manifest_images(Path(manifest).expanduser()))
+    return paths
+
+
+def _manifest_images(manifest: Path) -> list[Path]:
+    import polars as pl
+
+    if not manifest.is_file():
+        raise TipslabError(f"--manifest {manifest}: no such file")
+    try:
+        table = pl.read_parquet(manifest)
+    except Exception as err:  # polars raises several error types for a bad file
+        raise TipslabError(f"--manifest {manifest}: not a readable parquet file ({err})") from None
+    column = next((c for c in MANIFEST_COLUMNS if c in table.columns), None)
+    if column is None:
+        raise TipslabError(
+            f"--manifest {manifest}: no image column; expected one of {', '.join(MANIFEST_COLUMNS)}, "
+            f"found {', '.join(table.columns)}"
+        )
+    out = []
+    for value in table[column].to_list():
+        path = Path(str(value)).expanduser()
+        path = path if path.is_absolute() else manifest.parent / path
+        if not path.is_file():
+            raise TipslabError(f"--manifest {manifest}: {column} {value!r} is not a file")
+        out.append(path)
+    return out
+
+
+def collect_texts(texts: list[str], texts_file: str | None) -> list[str]:
+    out = list(texts)
+    if texts_file:
+        path = Path(texts_file).expanduser()
+        if not path.is_file():
+            raise TipslabError(f"--texts-file {path}: no such file")
+        out.extend(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return out
+
+
+def _read_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as handle:
+            return handle.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise TipslabError(f"{path}: not a readable image ({err})") from None
+
+
+# ------------------------------------------------------------------------------- compute
+def compute_embeddings(loaded, image_paths: list[Path], texts: list[str], *, patches: bool = False,
+                       dense: bool = False, normalize: bool = True, batch_size: int = 16) -> dict:
+    """Embeddings as numpy arrays (the keys of the .npz output)."""
+    dim = loaded.encoder.embed_dim
+    norm = (lambda t: torch.nn.functional.normalize(t, dim=-1)) if normalize else (lambda t: t)
+    cls1, cls2, patch_rows, grid = [], [], [], None
+    for start in range(0, len(image_paths), max(batch_size, 1)):
+        chunk = image_paths[start : start + batch_size]
+        pixels = torch.stack([loaded.preprocess(_read_image(p)) for p in chunk])
+        out = loaded.embed_images(pixels)
+        cls1.append(norm(out.cls1).cpu())
+        cls2.append(norm(out.cls2).cpu())
+        if patches:
+            patch_out = loaded.embed_images(pixels, dense=True) if dense else out
+            patch_rows.append(norm(patch_out.patches).cpu())
+            grid = patch_out.grid
+    text_rows = []
+    for start in range(0, len(texts), max(batch_size, 1)):
+        text_rows.append(norm(loaded.embed_texts(texts[start : start + batch_size])).cpu())
+
+    def stack(rows, shape):
+        return torch.cat(rows).numpy().astype(np.float32) if rows else np.zeros(shape, np.float32)
+
+    result = {
+        "image_paths": np.array([str(p) for p in image_paths], dtype=np.str_),
+        "image_cls1": stack(cls1, (0, dim)),
+        "image_cls2": stack(cls2, (0, dim)),
+        "texts": np.array(texts, dtype=np.str_),
+        "text": stack(text_rows, (0, dim)),
+        "temperature": np.float32(loaded.encoder.temperature.item()),
+    }
+    if patches:
+        result["patches"] = stack(patch_rows, (0, 0, dim))
+        result["patch_grid"] = np.array(grid or (0, 0), dtype=np.int64)
+    return result
+
+
+# ------------------------------------------------------------------------------- outputs
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_npz(result: dict, path: Path) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **result)
+
+    _atomic(path, write)
+
+
+def write_parquet(result: dict, path: Path) -> None:
+    import polars as pl
+
+    kinds, sources, rows, cols, vectors = [], [], [], [], []
+
+    def add(kind, source, matrix, row=None, col=None):
+        kinds.extend([kind] * len(matrix))
+        sources.extend(source if isinstance(source, list) else [source] * len(matrix))
+        rows.extend(row if row is not None else [None] * len(matrix))
+        cols.extend(col if col is not None else [None] * len(matrix))
+        vectors.extend(matrix)
+
+    paths = result["image_paths"].tolist()
+    add("image_cls1", paths, result["image_cls1"])
+    add("image_cls2", paths, result["image_cls2"])
+    if "patches" in result and len(paths):
+        h, w = (int(v) for v in result["patch_grid"])
+        patch_rows = [r for r in range(h) for _ in range(w)]
+        patch_cols = [c for _ in range(h) for c in range(w)]
+        for i, source in enumerate(paths):
+            add("patch", source, result["patches"][i], patch_rows, patch_cols)
+    add("text", result["texts"].tolist(), result["text"])
+    dim = result["text"].shape[-1]
+    table = pl.DataFrame(
+        {
+            "kind": pl.Series(kinds, dtype=pl.String),
+            "source": pl.Series(sources, dtype=pl.String),
+            "patch_row": pl.Series(rows, dtype=pl.Int32),
+            "patch_col": pl.Series(cols, dtype=pl.Int32),
+            "embedding": pl.Series(
+                np.asarray(vectors, dtype=np.float32).reshape(-1, dim), dtype=pl.Array(pl.Float32, dim)
+            ),
+        }
+    )
+    _atomic(path, lambda tmp: table.write_parquet(tmp))
+
+
+def run_embed(args) -> int:
+    from tipslab.platform.api import load_model
+
+    out = Path(args.out).expanduser()
+    if out.suffix not in (".npz", ".parquet"):
+        raise TipslabError(f"--out {out}: expected a .npz or .parquet file")
+    image_paths = collect_images(args.images, args.manifest)
+    texts = collect_texts(args.texts, args.texts_file)
+    if not image_paths and not texts:
+        raise TipslabError("nothing to embed: give --images, --manifest, --texts or --texts-file")
+    if args.model is None and args.vision is None:
+        raise TipslabError("give a model (checkpoint, official file/directory, release name) or --vision/--text")
+    official = {k: v for k, v in (("text", args.text), ("tokenizer", args.tokenizer)) if v}
+    loaded = load_model(args.model or args.vision, device=args.device, **official)
+    result = compute_embeddings(
+        loaded, image_paths, texts, patches=args.patches or args.dense, dense=args.dense,
+        normalize=not args.raw, batch_size=args.batch_size,
+    )
+    (write_npz if out.suffix == ".npz" else write_parquet)(result, out)
+    print(f"wrote {len(image_paths)} images, {len(texts)} texts, dim {loaded.encoder.embed_dim} -> {out}")
+    return 0
