@@ -64,22 +64,30 @@ def is_checkpoint_dir(path) -> bool:
     return path.is_dir() and (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
 
 
-def check_state_keys(expected: dict, found: dict, source: str) -> None:
-    """Raise naming missing, unexpected and mis-shaped keys (a few of each)."""
+def describe_mismatch(expected: dict[str, tuple], found: dict[str, tuple]) -> str:
+    """'' when keys and shapes agree, else a one-line summary naming a few keys of each kind."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     shapes = sorted(
-        f"{k} {tuple(found[k].shape)} (expected {tuple(expected[k].shape)})"
+        f"{k} {tuple(found[k])} (expected {tuple(expected[k])})"
         for k in set(expected) & set(found)
-        if tuple(found[k].shape) != tuple(expected[k].shape)
+        if tuple(found[k]) != tuple(expected[k])
     )
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
-            if items:
-                more = f" and {len(items) - 3} more" if len(items) > 3 else ""
-                parts.append(f"{len(items)} {label}: {', '.join(items[:3])}{more}")
-        raise TipslabError(f"{source}: weights do not match the model; " + "; ".join(parts))
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+        if items:
+            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:3])}{more}")
+    return "; ".join(parts)
+
+
+def check_state_keys(expected: dict, found: dict, source: str) -> None:
+    """Raise naming missing, unexpected and mis-shaped keys (a few of each)."""
+    problems = describe_mismatch(
+        {k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in found.items()}
+    )
+    if problems:
+        raise TipslabError(f"{source}: weights do not match the model; {problems}")
 
 
 def load_checkpoint(directory, device: str | torch.device = "cpu"):
@@ -101,11 +109,13 @@ def load_checkpoint(directory, device: str | torch.device = "cpu"):
         raise TipslabError(f"{path / CONFIG}: not a readable model config ({err})") from None
     if not isinstance(model_cfg, dict):
         raise TipslabError(f"{path / CONFIG}: expected a mapping with model.vision and model.text")
-    encoder = build_encoder(model_cfg)
+    # Built on the meta device and handed the file's tensors: no random init to throw away.
+    with torch.device("meta"):
+        encoder = build_encoder(model_cfg)
     try:
         state = load_file(str(path / WEIGHTS), device=str(device))
     except (SafetensorError, OSError) as err:
         raise TipslabError(f"{path / WEIGHTS}: not a readable safetensors file ({err})") from None
     check_state_keys(encoder.state_dict(), state, str(path / WEIGHTS))
-    encoder.load_state_dict(state)
-    return encoder.to(device), model_cfg
+    encoder.load_state_dict(state, assign=True)
+    return encoder, model_cfg

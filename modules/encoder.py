@@ -50,6 +50,13 @@ class ImageTextEncoder(nn.Module):
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         return self.text(ids)
 
+    def similarity(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """`[B, M]` probabilities over the texts for each image: softmax(cosine / temperature),
+        the official demo's formula (image features are usually CLS1, texts pooled)."""
+        image = nn.functional.normalize(image_features, dim=-1)
+        text = nn.functional.normalize(text_features, dim=-1)
+        return torch.softmax(image @ text.T / self.temperature, dim=-1)
+
     def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None):
         """Both towers in one call, so FSDP2's root hooks run (callers route through forward)."""
         return self.encode_image(images, mask=mask), self.encode_text(ids)

@@ -154,6 +154,11 @@ class VisionTower(nn.Module):
                 )
             # Before the positions, as DINOv2/iBOT: a masked patch still knows where it is.
             x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+        elif self.training:
+            # Keep the mask token in the graph (adds exactly 0): a trained parameter that gets no
+            # gradient has no optimizer state, which breaks DDP (unused parameters) and FSDP2's
+            # distributed-checkpoint resume ("Missing key ... mask_token.step").
+            x = x + 0.0 * self.mask_token.sum()
         x = x + self.position_embedding((h, w))
         # timm folded the CLS position into cls_token; the register gets no position (official).
         prefix = [vit.cls_token.expand(batch, -1, -1), vit.reg_token.expand(batch, -1, -1)]

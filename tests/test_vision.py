@@ -149,3 +149,17 @@ def test_pos_grid_decouples_table_from_resolution():
     model = VisionTower("tiny", img_size=56, pos_grid=2)
     assert model.vit.pos_embed.shape[1] == 4 and model.img_size == 56
     assert math.isfinite(model(torch.rand(1, 3, 56, 56)).cls1.sum().item())
+
+
+def test_unmasked_training_step_gives_mask_token_a_zero_gradient():
+    # Every trained parameter must take part in the graph (DDP, FSDP2 checkpoint resume).
+    torch.manual_seed(0)
+    model = VisionTower("tiny", img_size=28)
+    images = torch.rand(2, 3, 28, 28)
+    with torch.no_grad():
+        evaluated = model.eval()(images).patches
+    out = model.train()(images)
+    torch.testing.assert_close(out.patches, evaluated, rtol=0, atol=0)
+    out.patches.sum().backward()
+    assert model.mask_token.grad is not None and model.mask_token.grad.abs().max() == 0
+    assert all(p.grad is not None for p in model.parameters())

@@ -1,0 +1,146 @@
+"""`tipslab index` and `tipslab search`: the command-line face of the retrieval package.
+
+`add_index_parser(subparsers)` / `add_search_parser(subparsers)` register the subcommands on the
+`tipslab` console script (platform/cli.py); each sets ``func`` to a function(args) -> exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from tipslab.errors import TipslabError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_index_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "index", help="index the patch embeddings of an image collection (FAISS + metadata)",
+        description="Extract patch embeddings of every image in SOURCE with MODEL_PATH and write a "
+                    "self-describing index directory that `tipslab search` can query.")
+    parser.add_argument("model_path", metavar="MODEL_PATH", help="tipslab checkpoint directory (or official model)")
+    parser.add_argument("source", metavar="SOURCE",
+                        help="a folder of images, or scenes:val / scenes:val:N (the built-in scenes val split)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="index directory to write")
+    parser.add_argument("--factory", default="Flat",
+                        help="FAISS index factory string, inner product metric (default Flat; e.g. IVF256,SQ8)")
+    parser.add_argument("--feature", choices=("dense", "final"), default="dense",
+                        help="dense: last block's value path (best patch-text alignment, default); final: output tokens")
+    parser.add_argument("--scenes-val", type=_positive_int, default=None, metavar="N",
+                        help="number of scenes for SOURCE scenes:val (default 64)")
+    parser.add_argument("--batch-size", type=_positive_int, default=16)
+    parser.add_argument("--image-size", type=_positive_int, default=None,
+                        help="resize images to this square size (multiple of 14; default the model's img_size)")
+    parser.add_argument("--device", default=None, help="torch device (default cuda when present, else cpu)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    mode.add_argument("--add", action="store_true",
+                      help="add SOURCE's images that are not indexed yet to the existing index at --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run_index)
+    return parser
+
+
+def run_index(args) -> int:
+    from tipslab.retrieval.index_dir import IndexDirectory, build_index
+
+    start = time.perf_counter()
+    progress = not args.quiet
+    if args.add:
+        if not Path(args.out).exists():
+            raise TipslabError(f"--out {args.out}: no index there to --add to; build one first (without --add)")
+        index = IndexDirectory.open(args.out)
+        if args.image_size is not None and args.image_size != index.image_size:
+            raise TipslabError(f"--image-size {args.image_size}: the index at {args.out} was built at "
+                               f"{index.image_size}; an index holds one size")
+        if args.feature != index.feature:
+            raise TipslabError(f"--feature {args.feature}: the index at {args.out} holds {index.feature!r} features")
+        _check_same_model(args.model_path, index)
+        counts = index.add(args.source, batch_size=args.batch_size, progress=progress,
+                           scenes_count=args.scenes_val)
+        print(f"added {counts['added']} image(s) to {index.path} ({counts['already_indexed']} already indexed, "
+              f"{counts['skipped']} unreadable skipped)")
+    else:
+        index = build_index(args.model_path, args.source, args.out, factory=args.factory, feature=args.feature,
+                            batch_size=args.batch_size, overwrite=args.overwrite, image_size=args.image_size,
+                            scenes_count=args.scenes_val, device=args.device, progress=progress)
+    counts = index.manifest["counts"]
+    print(f"index {index.path}: {counts['images']} images, {counts['vectors']} patch vectors of dim {index.dim} "
+          f"({index.manifest['factory']}, {index.feature} features), {counts['skipped']} skipped "
+          f"[{time.perf_counter() - start:.1f} s]")
+    return 0
+
+
+def _check_same_model(model_path: str, index) -> None:
+    from tipslab.retrieval.index_dir import model_identity
+
+    given = model_identity(model_path)
+    recorded = index.manifest["model"]
+    if given.get("sha256") and recorded.get("sha256") and given["sha256"] != recorded["sha256"]:
+        raise TipslabError(f"MODEL_PATH {model_path}: not the model the index at {index.path} was built with "
+                           f"({recorded.get('path') or recorded.get('source')}); vectors of two models do not mix")
+
+
+def add_search_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "search", help="find regions matching a text query in an index directory",
+        description="Rank image regions of an index directory by similarity to a text query; print "
+                    "a table and write overlay PNGs.")
+    parser.add_argument("index_dir", metavar="DIR", help="index directory written by `tipslab index`")
+    parser.add_argument("query", metavar="TEXT", help='what to look for, e.g. "a red circle"')
+    parser.add_argument("--k", type=_positive_int, default=5, help="number of regions to return (default 5)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="folder for the PNGs (default DIR/search/<query slug>)")
+    parser.add_argument("--no-png", action="store_true", help="print the table only")
+    parser.add_argument("--no-templates", action="store_true",
+                        help="embed the raw query instead of averaging prompt templates")
+    parser.add_argument("--candidates", type=_positive_int, default=None,
+                        help="patches fetched from FAISS before re-scoring (default max(100, 20 k))")
+    parser.add_argument("--per-image", type=_positive_int, default=2, help="regions per image at most (default 2)")
+    parser.add_argument("--fraction", type=float, default=0.75,
+                        help="patch threshold as a fraction of each image's score range (default 0.75)")
+    parser.add_argument("--params", default=None, help='FAISS search parameters, e.g. "nprobe=32"')
+    parser.add_argument("--device", default=None)
+    parser.set_defaults(func=run_search)
+    return parser
+
+
+def format_table(hits) -> str:
+    rows = [("rank", "score", "box (x0,y0,x1,y1)", "image")]
+    rows += [(str(h.rank), f"{h.score:.4f}", "({},{},{},{})".format(*h.box), h.image_path) for h in hits]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join([r[0].rjust(widths[0]), r[1].rjust(widths[1]), r[2].ljust(widths[2]), r[3]]) for r in rows]
+    return "\n".join(lines)
+
+
+def run_search(args) -> int:
+    from tipslab.retrieval.search import DEFAULT_TEMPLATES, Searcher
+
+    searcher = Searcher(args.index_dir, device=args.device)
+    hits = searcher.search(args.query, args.k, templates=None if args.no_templates else DEFAULT_TEMPLATES,
+                           candidates=args.candidates, per_image=args.per_image, fraction=args.fraction,
+                           params=args.params)
+    print(f"{len(hits)} region(s) for \u201c{args.query}\u201d in {searcher.index.path} "
+          f"({searcher.index.num_images} images):")
+    print(format_table(hits))
+    if hits and not args.no_png:
+        from tipslab.retrieval.overlay import slugify, write_overlays
+
+        out = Path(args.out) if args.out else searcher.index.path / "search" / slugify(args.query)
+        try:
+            written = write_overlays(hits, out)[args.query]
+        except OSError as err:
+            raise TipslabError(f"--out {out}: cannot write the PNGs there ({err.strerror or err}); "
+                               "pass another --out or --no-png") from None
+        print(f"pictures: {len(written) - 1} hit PNG(s) and the contact sheet {written[-1]}")
+    return 0

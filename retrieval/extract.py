@@ -1,0 +1,214 @@
+"""Patch-embedding extraction: image sources in, one L2-normalised patch matrix per image out.
+
+A *source* is what `tipslab index` is pointed at: a folder of images (read by
+`tipslab.datamodules.image_folder.ImageFolder`) or the built-in scenes validation split
+(``scenes:val`` / ``scenes:val:N``). Each yields `SourceImage`s: a stable key (the file's
+absolute path, or ``scenes:val/000003``), the original size, and the preprocessed tensor
+(the whole image resized to a square ``image_size``, no crop, pixels in [0, 1], no mean/std:
+what the encoder expects).
+
+`extract_patches` runs the encoder over a source in batches and yields `PatchRecord`s.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tipslab.errors import TipslabError
+
+FEATURES = ("dense", "final")
+SCENES_PATTERN = re.compile(r"^scenes:(?P<split>[a-z]+)(?::(?P<count>\d+))?$")
+DEFAULT_SCENES_COUNT = 64
+
+
+@dataclass
+class SourceImage:
+    """One image of a source, preprocessed for the encoder."""
+
+    key: str  # unique within an index: absolute file path, or "scenes:val/000003"
+    path: str | None  # the image file to show in overlays; None for generated images
+    size: tuple[int, int]  # original (width, height)
+    pixels: torch.Tensor  # [3, S, S] float32 in [0, 1]
+
+
+@dataclass
+class PatchRecord:
+    """One image's patch embeddings."""
+
+    image: SourceImage
+    grid: tuple[int, int]  # (grid_h, grid_w)
+    vectors: np.ndarray  # float32 [grid_h * grid_w, D], rows L2-normalised, row-major patch order
+
+
+@dataclass
+class ImageSource:
+    """An iterable of `SourceImage`s plus what it could not read.
+
+    ``skipped`` holds ``{"path": ..., "reason": ...}`` for unreadable images; it is complete
+    once iteration has finished.
+    """
+
+    spec: str
+    images: Iterable[SourceImage]
+    count: int | None
+    skipped: list[dict] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[SourceImage]:
+        return iter(self.images)
+
+    def __len__(self) -> int:
+        return self.count or 0
+
+
+def _folder_source(folder: Path, image_size: int) -> ImageSource:
+    from PIL import Image
+
+    from tipslab.datamodules.image_folder import ImageFolder
+
+    dataset = ImageFolder(str(folder), image_size)
+    source = ImageSource(spec=str(folder), images=(), count=len(dataset) if hasattr(dataset, "__len__") else None)
+
+    def generate():
+        for path, pixels in dataset:
+            path = os.path.abspath(str(path))
+            try:
+                # PIL reads only the header here; the original size maps patch boxes back.
+                with Image.open(path) as handle:
+                    size = handle.size
+            except OSError as err:  # readable a moment ago; treat as unreadable now
+                source.skipped.append({"path": path, "reason": f"cannot read image size: {err}"})
+                continue
+            yield SourceImage(key=path, path=path, size=(int(size[0]), int(size[1])), pixels=pixels)
+        errors = getattr(dataset, "errors", {})
+        source.skipped.extend({"path": os.path.abspath(p), "reason": errors.get(p, "unreadable")}
+                              for p in getattr(dataset, "skipped", []))
+
+    source.images = generate()
+    return source
+
+
+def _scenes_source(spec: str, split: str, count: int, image_size: int, seed: int | None) -> ImageSource:
+    from tipslab.datamodules.scenes import ScenesDataset
+
+    kwargs = {} if seed is None else {"seed": seed}
+    dataset = ScenesDataset(split=split, num_images=count, image_size=image_size, **kwargs)
+
+    def generate():
+        for i in range(len(dataset)):
+            pixels = _scene_pixels(dataset[i])
+            yield SourceImage(key=f"scenes:{split}/{i:06d}", path=None,
+                              size=(int(pixels.shape[-1]), int(pixels.shape[-2])), pixels=pixels)
+
+    return ImageSource(spec=spec, images=generate(), count=len(dataset))
+
+
+def _scene_pixels(sample) -> torch.Tensor:
+    """The image tensor of one scenes sample (a tensor, a dict with "image", or an object)."""
+    if isinstance(sample, torch.Tensor):
+        return sample
+    if isinstance(sample, dict):
+        return sample["image"]
+    if isinstance(sample, (tuple, list)):
+        return sample[0]
+    return sample.image
+
+
+def check_source(spec: str | os.PathLike) -> tuple[str, str, int | None]:
+    """Validate a source spec without reading images: ("scenes", split, count) or ("folder", path, None).
+
+    Cheap, so commands call it before loading a model.
+    """
+    text = str(spec)
+    match = SCENES_PATTERN.match(text)
+    if match:
+        split = match["split"]
+        if split != "val":
+            raise TipslabError(f"source {text!r}: only the scenes validation split can be indexed (scenes:val[:N])")
+        count = int(match["count"]) if match["count"] else None
+        if count is not None and count <= 0:
+            raise TipslabError(f"source {text!r}: expected a positive number of scenes, got {count}")
+        return "scenes", split, count
+    folder = Path(text).expanduser()
+    if not folder.exists():
+        raise TipslabError(f"source {text}: does not exist (expected a folder of images or scenes:val[:N])")
+    if not folder.is_dir():
+        raise TipslabError(f"source {text}: is not a folder (expected a folder of images or scenes:val[:N])")
+    return "folder", str(folder.resolve()), None
+
+
+def open_source(spec: str | os.PathLike, image_size: int, *, scenes_count: int | None = None,
+                scenes_seed: int | None = None) -> ImageSource:
+    """The image source named by ``spec``: a folder of images, or ``scenes:val[:N]``.
+
+    ``scenes_count`` applies to a bare ``scenes:val`` (default 64); ``scenes:val:N`` wins.
+    """
+    kind, where, count = check_source(spec)
+    if kind == "scenes":
+        return _scenes_source(str(spec), where, count or scenes_count or DEFAULT_SCENES_COUNT, image_size, scenes_seed)
+    return _folder_source(Path(where), image_size)
+
+
+def _batches(images: Iterable[SourceImage], batch_size: int) -> Iterator[list[SourceImage]]:
+    batch = []
+    for image in images:
+        batch.append(image)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def encoder_device(encoder: torch.nn.Module) -> torch.device:
+    try:
+        return next(encoder.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@torch.inference_mode()
+def embed_images(encoder, pixels: torch.Tensor, feature: str = "dense") -> tuple[torch.Tensor, tuple[int, int]]:
+    """L2-normalised patch embeddings ``[B, N, D]`` (float32, on CPU) and the patch grid.
+
+    ``dense`` is the last block's value path (the zero-shot segmentation features: best
+    patch-text alignment); ``final`` is the ordinary output patch tokens.
+    """
+    if feature not in FEATURES:
+        raise TipslabError(f"feature: expected one of {FEATURES}, got {feature!r}")
+    out = encoder.encode_image(pixels.to(encoder_device(encoder)), dense=feature == "dense")
+    patches = torch.nn.functional.normalize(out.patches.float(), dim=-1)
+    return patches.cpu(), (int(out.grid[0]), int(out.grid[1]))
+
+
+def extract_patches(encoder, images: Iterable[SourceImage], *, feature: str = "dense", batch_size: int = 16,
+                    total: int | None = None, progress: bool = True, desc: str = "extract") -> Iterator[PatchRecord]:
+    """Run the encoder over ``images`` in batches; one `PatchRecord` per image, in source order."""
+    from tqdm.auto import tqdm
+
+    if batch_size <= 0:
+        raise TipslabError(f"batch_size: expected a positive integer, got {batch_size}")
+    was_training = encoder.training
+    encoder.eval()
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
+    try:
+        for batch in _batches(images, batch_size):
+            sizes = {tuple(img.pixels.shape) for img in batch}
+            if len(sizes) != 1:
+                raise TipslabError(f"source images: expected one preprocessed shape per batch, got {sorted(sizes)}")
+            patches, grid = embed_images(encoder, torch.stack([img.pixels for img in batch]), feature)
+            if patches.shape[1] != grid[0] * grid[1]:
+                raise TipslabError(f"encoder: {patches.shape[1]} patch tokens do not fill its grid {grid}")
+            vectors = patches.numpy()
+            for i, img in enumerate(batch):
+                yield PatchRecord(image=img, grid=grid, vectors=np.ascontiguousarray(vectors[i]))
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        encoder.train(was_training)

@@ -1,0 +1,168 @@
+"""Pictures of search hits: the image with its patch-score heatmap, the region's box, a caption.
+
+One PNG per hit (``hit-01.png`` ...) and a contact sheet ``hits.png`` of all of them. Small
+images (the 112 px scenes) are enlarged so the box and heatmap stay readable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from tipslab.retrieval.search import Hit
+
+MIN_SIDE = 320  # shortest side of a rendered hit, in pixels
+MAX_SIDE = 1024  # longest side; big photos are shrunk to keep files small
+HEAT_ALPHA = 0.65  # heat opacity at the image's best patch; fades to clear at its worst
+BOX_COLOR = (0, 255, 64)
+CAPTION_BG = (24, 24, 24)
+CAPTION_FG = (240, 240, 240)
+
+
+def slugify(text: str, max_len: int = 60) -> str:
+    """A file-name-safe form of a query ("red circle!" -> "red-circle")."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len].strip("-")
+    return slug or "query"
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def _load_image(hit: Hit) -> tuple[Image.Image, bool]:
+    """The hit's image as RGB, or a grey placeholder of its size when the file is gone."""
+    try:
+        with Image.open(hit.image_path) as handle:
+            return handle.convert("RGB"), True
+    except (OSError, ValueError):
+        width, height = hit.image_size if min(hit.image_size) > 0 else (224, 224)
+        return Image.new("RGB", (width, height), (96, 96, 96)), False
+
+
+def _colormap(values: np.ndarray) -> np.ndarray:
+    """uint8 RGB for values in [0, 1] (matplotlib's 'turbo': dark blue low, red high)."""
+    from matplotlib import colormaps
+
+    return (colormaps["turbo"](values)[..., :3] * 255).astype(np.uint8)
+
+
+def heat_overlay(image: Image.Image, heatmap: np.ndarray) -> Image.Image:
+    """``image`` with the patch-score map blended in (normalised per image: min clear, max strong)."""
+    heat = np.asarray(heatmap, dtype=np.float32)
+    span = float(heat.max() - heat.min())
+    norm = (heat - heat.min()) / span if span > 0 else np.ones_like(heat)
+    # Upsample the patch grid smoothly to the picture, as the segmentation recipe does.
+    up = np.asarray(Image.fromarray(norm, mode="F").resize(image.size, Image.Resampling.BILINEAR))
+    up = np.clip(up, 0.0, 1.0)
+    colour = _colormap(up).astype(np.float32)
+    # Squared ramp: the top of the map is strongly coloured, the middle only lightly, so the
+    # image stays readable and the hot spot stands out.
+    alpha = (HEAT_ALPHA * up * up)[..., None]
+    base = np.asarray(image, dtype=np.float32)
+    return Image.fromarray((base * (1 - alpha) + colour * alpha).round().astype(np.uint8))
+
+
+def _display_scale(size: tuple[int, int]) -> float:
+    """Enlarge small images to MIN_SIDE, shrink big ones to MAX_SIDE (the cap wins)."""
+    return min(max(1.0, MIN_SIDE / max(1, min(size))), MAX_SIDE / max(1, max(size)))
+
+
+def render_hit(hit: Hit) -> Image.Image:
+    """The picture of one hit: heatmap, box, and a two-line caption underneath."""
+    image, found = _load_image(hit)
+    original = image.size
+    scale = _display_scale(original)
+    shown = image.resize((round(original[0] * scale), round(original[1] * scale)), Image.Resampling.BICUBIC)
+    shown = heat_overlay(shown, hit.heatmap)
+    draw = ImageDraw.Draw(shown)
+    # Box in the original image's pixels; x1/y1 are exclusive, PIL's rectangle is inclusive.
+    sx, sy = shown.size[0] / original[0], shown.size[1] / original[1]
+    x0, y0, x1, y1 = hit.box
+    rect = (x0 * sx, y0 * sy, x1 * sx - 1, y1 * sy - 1)
+    width = max(2, round(min(shown.size) / 110))
+    draw.rectangle(rect, outline=(0, 0, 0), width=width + 2)  # dark rim keeps it visible on any colour
+    draw.rectangle(rect, outline=BOX_COLOR, width=width)
+    if not found:
+        draw.text((8, 8), "image file not found", fill=(255, 255, 255), font=_font(16))
+
+    font_size = max(14, min(22, shown.size[0] // 22))
+    font = _font(font_size)
+    lines = [f"#{hit.rank}  score {hit.score:.3f}  \u201c{hit.query}\u201d",
+             f"{Path(hit.image_path).name}  box {tuple(int(v) for v in hit.box)}"]
+    line_h = font_size + 6
+    canvas = Image.new("RGB", (shown.size[0], shown.size[1] + line_h * len(lines) + 8), CAPTION_BG)
+    canvas.paste(shown, (0, 0))
+    text = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        text.text((8, shown.size[1] + 4 + i * line_h), _fit(text, line, font, shown.size[0] - 16), fill=CAPTION_FG,
+                  font=font)
+    return canvas
+
+
+def _fit(draw: ImageDraw.ImageDraw, line: str, font, width: int) -> str:
+    """``line`` shortened with an ellipsis until it fits ``width`` pixels."""
+    if draw.textlength(line, font=font) <= width:
+        return line
+    while line and draw.textlength(line + "\u2026", font=font) > width:
+        line = line[:-1]
+    return line + "\u2026"
+
+
+def contact_sheet(pictures: Sequence[Image.Image], title: str, tile_width: int = 320, columns: int = 5) -> Image.Image:
+    """The hit pictures side by side (``columns`` per row) under a title bar."""
+    columns = max(1, min(columns, len(pictures)))
+    tiles = [p.resize((tile_width, round(p.size[1] * tile_width / p.size[0])), Image.Resampling.LANCZOS)
+             for p in pictures]
+    rows = [tiles[i:i + columns] for i in range(0, len(tiles), columns)]
+    gap, title_h = 8, 40
+    heights = [max(t.size[1] for t in row) for row in rows]
+    sheet = Image.new("RGB", (columns * tile_width + (columns + 1) * gap, title_h + sum(heights) + (len(rows) + 1) * gap),
+                      (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((gap, 10), _fit(draw, title, _font(22), sheet.size[0] - 2 * gap), fill=(0, 0, 0), font=_font(22))
+    y = title_h + gap
+    for row, height in zip(rows, heights):
+        for i, tile in enumerate(row):
+            sheet.paste(tile, (gap + i * (tile_width + gap), y))
+        y += height + gap
+    return sheet
+
+
+def _save_png(picture: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    picture.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def write_overlays(hits: Sequence[Hit], out_dir) -> dict[str, list[Path]]:
+    """PNGs for ``hits``: ``hit-NN.png`` each and ``hits.png``, per query.
+
+    One query writes into ``out_dir``; several write into ``out_dir/<query slug>/``. Returns
+    ``{query: [hit pngs..., contact sheet]}``.
+    """
+    out = Path(out_dir)
+    queries = list(dict.fromkeys(hit.query for hit in hits))
+    written: dict[str, list[Path]] = {}
+    for query in queries:
+        folder = out if len(queries) == 1 else out / slugify(query)
+        folder.mkdir(parents=True, exist_ok=True)
+        mine = [hit for hit in hits if hit.query == query]
+        pictures, paths = [], []
+        for hit in mine:
+            picture = render_hit(hit)
+            path = folder / f"hit-{hit.rank:02d}.png"
+            _save_png(picture, path)
+            pictures.append(picture)
+            paths.append(path)
+        sheet = folder / "hits.png"
+        _save_png(contact_sheet(pictures, f"\u201c{query}\u201d: top {len(mine)} regions"), sheet)
+        written[query] = paths + [sheet]
+    return written
