@@ -20,6 +20,9 @@ from tipslab.modules.features import Features, LossOutput
 from tipslab.platform.ema import cosine_momentum, ema_update_
 
 
+_NO_DECAY_NAMES = frozenset({"cls_token", "reg_token", "mask_token", "pos_embed", "logit_scale"})
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """LR multiplier: linear warm-up to 1, then cosine decay to `min_ratio` at `total_steps`."""
     if warmup_steps > 0 and step < warmup_steps:
@@ -78,18 +81,20 @@ class PretrainingSystem(L.LightningModule):
         return total
 
     # -- optimisation -----------------------------------------------------------------------
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        params = [p for p in self.encoder.parameters() if p.requires_grad]
-        for component in self.components.values():
-            params.extend(component.learnable_params())
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of the encoder and of what each component declares it trains."""
+        params = [(f"encoder.{n}", p) for n, p in self.encoder.named_parameters() if p.requires_grad]
+        for name, component in self.components.items():
+            params.extend((f"components.{name}.{i}", p) for i, p in enumerate(component.learnable_params()))
         return params
 
     def configure_optimizers(self):
         opt_cfg = self.cfg.optim
         decay, no_decay = [], []
-        for param in self.trainable_parameters():
-            # Norms, biases, tokens and the temperature are not decayed (as DINOv2, open_clip).
-            is_token = param.ndim == 3 and param.shape[0] == 1  # cls / register / position tables
+        for name, param in self.trainable_parameters():
+            # Norms, biases, learned tokens, position tables and the temperature are not decayed
+            # (as DINOv2 and open_clip do).
+            is_token = name.rsplit(".", 1)[-1] in _NO_DECAY_NAMES
             (no_decay if param.ndim <= 1 or is_token else decay).append(param)
         optimizer = torch.optim.AdamW(
             [

@@ -114,17 +114,9 @@ def search_by_vectors(index, query_vectors, k: int = 5, *, queries: Sequence[str
         raise TipslabError(f"per_image: expected a positive integer, got {per_image}")
     candidates = candidates or max(100, 20 * k)
     max_images = max_images or max(16, 4 * k)
-    _, ids = index.search_vectors(q, candidates, params=params, gpu=gpu)
-    owners = index.image_ids_of(ids)
-
     hits: list[Hit] = []
     for qi in range(len(q)):
-        image_ids = []
-        for image_id in owners[qi]:
-            if image_id >= 0 and image_id not in image_ids:
-                image_ids.append(int(image_id))
-            if len(image_ids) == max_images:
-                break
+        image_ids = _candidate_images(index, q[qi : qi + 1], candidates, max_images, k, params, gpu)
         found = []
         for image_id in image_ids:
             info = index.image_info(image_id)
@@ -148,6 +140,24 @@ def search_by_vectors(index, query_vectors, k: int = 5, *, queries: Sequence[str
                 image_size=(int(info["image_width"]), int(info["image_height"])), num_patches=region.num_patches,
             ))
     return hits
+
+
+def _candidate_images(index, query, candidates: int, max_images: int, k: int, params, gpu) -> list[int]:
+    """Distinct images owning the query's nearest patches, best first. A peaked model can put
+    all of the first `candidates` patches in a few images; then fetch more (x4 each time) until
+    there are enough images for k hits or the whole index has been seen."""
+    wanted = min(max_images, max(k, 1), index.num_images)
+    while True:
+        _, ids = index.search_vectors(query, min(candidates, index.num_vectors), params=params, gpu=gpu)
+        image_ids: list[int] = []
+        for image_id in index.image_ids_of(ids)[0]:
+            if image_id >= 0 and int(image_id) not in image_ids:
+                image_ids.append(int(image_id))
+            if len(image_ids) == max_images:
+                break
+        if len(image_ids) >= wanted or candidates >= index.num_vectors:
+            return image_ids
+        candidates *= 4
 
 
 class Searcher:
