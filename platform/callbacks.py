@@ -76,3 +76,29 @@ class PicturesCallback(L.Callback):
         maps = patch_text_heatmaps(pl_module.encoder, self.tokenizer, images, labels)
         path = heatmap_grid(images, labels, maps, Path(self.cfg.run_dir) / "pictures" / "patch_text_heatmaps.png")
         self._log(trainer, path)
+
+
+class PointingGameCallback(L.Callback):
+    """At the end of training, logs patch-text pointing accuracy on scenes val (dense and final
+    patch features) with its chance level, so recipes can be compared on patch alignment."""
+
+    def __init__(self, cfg, tokenizer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.results: dict[str, float] = {}
+
+    def on_train_end(self, trainer, pl_module):
+        if not trainer.is_global_zero or type(pl_module.encoder.logit_scale).__name__ == "DTensor":
+            return
+        from tipslab.datamodules.scenes import ScenesDataset
+        from tipslab.platform.evaluate import pointing_game
+
+        val = ScenesDataset("val", num_images=int(self.cfg.eval.num_scenes),
+                            image_size=int(self.cfg.data.image_size), seed=int(self.cfg.seed))
+        scenes = [val.scene(i) for i in range(len(val))]
+        for feature, dense in (("dense", True), ("final", False)):
+            result = pointing_game(pl_module.encoder, self.tokenizer, scenes, dense=dense)
+            self.results[f"eval/pointing_acc_{feature}"] = result.accuracy
+        self.results["eval/pointing_chance"] = result.chance
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(self.results, step=trainer.global_step)

@@ -12,6 +12,12 @@ def print_train_summary(result) -> None:
     print()
     print("training finished")
     print(f"  loss (mean of first / last steps): {first} -> {last}")
+    if result.evaluation:
+        ev = result.evaluation
+        print(
+            f"  patch-text pointing (scenes val): dense {ev['eval/pointing_acc_dense']:.3f}, "
+            f"final {ev['eval/pointing_acc_final']:.3f}, chance {ev['eval/pointing_chance']:.3f}"
+        )
     print(f"  MLflow run     : {result.experiment_name} / {result.run_id}")
     print(f"                   open: make mlflow-ui  (or: mlflow ui --backend-store-uri {shlex.quote(db)})")
     print(f"  checkpoints    : {result.checkpoint_dir}  (resume: checkpoint.resume=last)")

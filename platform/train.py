@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class TrainResult:
     run_id: str
     first_loss: float | None
     last_loss: float | None
+    evaluation: dict[str, float]
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -94,10 +96,12 @@ def train(cfg: DictConfig) -> TrainResult:
     from tipslab.datamodules.datamodule import PretrainDataModule
     from tipslab.datamodules.tokenizers import build_tokenizer
     from tipslab.modules.checkpoint import save_checkpoint
-    from tipslab.platform.callbacks import LossHistory, PicturesCallback, StepThroughput
+    from tipslab.platform.callbacks import LossHistory, PicturesCallback, PointingGameCallback, StepThroughput
     from tipslab.platform.system import PretrainingSystem
 
     preflight(cfg)
+    # Lightning's throughput monitor asks for a FLOP count we do not provide; images/s is what we log.
+    warnings.filterwarnings("ignore", message=".*flops_per_batch.*")
     run_dir = Path(cfg.run_dir)
     checkpoint_dir = run_dir / "checkpoints"
     ckpt_path = _resume_path(cfg, checkpoint_dir)
@@ -126,6 +130,9 @@ def train(cfg: DictConfig) -> TrainResult:
     ]
     if cfg.tracking.pictures:
         callbacks.append(PicturesCallback(cfg, tokenizer))
+    pointing = PointingGameCallback(cfg, tokenizer) if cfg.eval.pointing_game else None
+    if pointing is not None:
+        callbacks.append(pointing)
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
 
@@ -166,6 +173,7 @@ def train(cfg: DictConfig) -> TrainResult:
         run_id=logger.run_id,
         first_loss=history.first,
         last_loss=history.last,
+        evaluation=dict(pointing.results) if pointing is not None else {},
     )
 
 

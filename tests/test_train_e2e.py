@@ -48,6 +48,8 @@ def test_tiny_run_is_tracked_exported_and_resumes(tmp_path):
     assert run.data.params["model.vision.size"] == "tiny"
     assert run.data.params["trainer.max_steps"] == "6"
     assert "train/loss" in run.data.metrics and "lr-AdamW" in "".join(run.data.metrics)
+    assert 0.0 <= run.data.metrics["eval/pointing_acc_dense"] <= 1.0
+    assert 0.0 < run.data.metrics["eval/pointing_chance"] < 0.5
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
     assert {"model", "config.yaml"} <= artifacts
 
