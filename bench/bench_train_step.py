@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,9 +51,15 @@ def _with_checkpointing(system):
     return system
 
 
-def time_steps(system, batch, steps: int) -> tuple[float, float]:
+VARIANTS = {
+    "baseline (two text passes)": lambda cfg: TwoPassText(cfg),
+    "fused text pass": lambda cfg: PretrainingSystem(cfg),
+    "fused + activation ckpt": lambda cfg: _with_checkpointing(PretrainingSystem(cfg)),
+}
+
+
+def time_steps(system, batch, steps: int) -> float:
     optimizer = torch.optim.AdamW(system.parameters(), lr=1e-4)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for i in range(steps + 2):
         if i == 2:  # two warm-up steps
             start = time.perf_counter()
@@ -59,18 +67,11 @@ def time_steps(system, batch, steps: int) -> tuple[float, float]:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    elapsed = (time.perf_counter() - start) / steps
-    rss_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-    return elapsed, rss_mb
+    return (time.perf_counter() - start) / steps
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--size", default="tiny")
-    parser.add_argument("--img", type=int, default=112)
-    args = parser.parse_args()
+def run_variant(name: str, args) -> None:
+    """One variant in this process; prints 'seconds peak_rss_mb' for the parent to read."""
     torch.manual_seed(0)
     cfg = load_config(
         "tipsv2_tiny",
@@ -83,19 +84,38 @@ def main() -> None:
         caption_ids=torch.randint(1, 1000, (args.batch, length)),
         ids=[str(i) for i in range(args.batch)],
     )
+    system = VARIANTS[name](cfg).train()
+    seconds = time_steps(system, batch, args.steps)
+    print(f"{seconds} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", default="tiny")
+    parser.add_argument("--img", type=int, default=112)
+    parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        run_variant(args.variant, args)
+        return
     rows = []
-    for name, system in (
-        ("baseline (two text passes)", TwoPassText(cfg)),
-        ("fused text pass", PretrainingSystem(cfg)),
-        ("fused + activation ckpt", _with_checkpointing(PretrainingSystem(cfg))),
-    ):
-        seconds, rss = time_steps(system.train(), batch, args.steps)
+    for name in VARIANTS:
+        # A process per variant, so each peak RSS is its own.
+        out = subprocess.run(
+            [sys.executable, __file__, "--variant", name, "--steps", str(args.steps), "--batch", str(args.batch),
+             "--size", args.size, "--img", str(args.img)],
+            capture_output=True, text=True, check=True,
+        )
+        seconds, rss = map(float, out.stdout.split()[-2:])
         rows.append((name, seconds, rss))
-    base = rows[0][1]
+    base_s, base_rss = rows[0][1], rows[0][2]
     print(f"\ntrain step, {args.size} towers, batch {args.batch}, {args.img}px, {torch.get_num_threads()} threads")
-    print(f"{'variant':30s} {'ms/step':>9s} {'images/s':>9s} {'vs base':>8s} {'peak RSS +MB':>13s}")
+    print(f"{'variant':30s} {'ms/step':>9s} {'images/s':>9s} {'speed':>7s} {'peak RSS MB':>12s} {'RSS':>6s}")
     for name, seconds, rss in rows:
-        print(f"{name:30s} {seconds * 1e3:9.1f} {args.batch / seconds:9.1f} {base / seconds:7.2f}x {rss:13.0f}")
+        print(f"{name:30s} {seconds * 1e3:9.1f} {args.batch / seconds:9.1f} {base_s / seconds:6.2f}x"
+              f" {rss:12.0f} {rss / base_rss:5.2f}x")
 
 
 if __name__ == "__main__":
