@@ -11,7 +11,7 @@ MLFLOW_URI ?= sqlite:///$(abspath $(RUNS))/mlflow.db
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast train index search mlflow-ui bench clean
+.PHONY: setup demo test test-fast lint train mlflow-ui bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,9 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
+lint: setup
+	$(VENV)/bin/ruff check .
+
 train: setup
 	$(VENV)/bin/tipslab train $(EXP) $(ARGS)
 
@@ -42,6 +45,7 @@ mlflow-ui: setup
 
 bench: setup
 	$(PY) bench/bench_train_step.py
+	$(PY) bench/bench_search.py
 
 clean:
 	rm -rf $(RUNS) .pytest_cache build *.egg-info

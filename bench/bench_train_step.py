@@ -42,7 +42,9 @@ class _WithoutText:
 
 
 def _with_checkpointing(system):
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        checkpoint_wrapper,
+    )
 
     from tipslab.platform.parallelize import _replace_block, transformer_blocks
 

@@ -25,7 +25,11 @@ import lightning as L
 import torch
 
 from tipslab.datamodules.loader import ResumableLoader
-from tipslab.datamodules.streams import MapBatchStream, SampleProcessor, ShardBatchStream
+from tipslab.datamodules.streams import (
+    MapBatchStream,
+    SampleProcessor,
+    ShardBatchStream,
+)
 from tipslab.datamodules.transforms import GlobalCrop, Resize, check_image_size
 from tipslab.errors import TipslabError
 

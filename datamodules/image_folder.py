@@ -23,7 +23,6 @@ from tipslab.datamodules.sample import CorruptSample
 from tipslab.datamodules.transforms import Resize
 from tipslab.errors import TipslabError
 
-
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 

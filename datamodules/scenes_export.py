@@ -23,6 +23,7 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
+from tipslab.atomic import atomic_write
 from tipslab.datamodules.scenes import ScenesDataset
 from tipslab.errors import TipslabError
 
@@ -49,9 +50,7 @@ def rle_decode(runs: list[int], height: int, width: int) -> np.ndarray:
 
 
 def _write_parquet(frame: pl.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.write_parquet(tmp)
-    os.replace(tmp, path)  # readers never see a half-written table
+    atomic_write(path, frame.write_parquet)  # readers never see a half-written table
 
 
 def write_scene_folder(out_dir: str | os.PathLike, num_images: int, image_size: int = 112, seed: int = 0,

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tipslab.atomic import atomic_write
 from tipslab.errors import TipslabError
 from tipslab.modules.checkpoint import describe_mismatch
 from tipslab.modules.text import TEXT_SIZES, TextTower
@@ -98,20 +98,6 @@ def read_safetensors(path: Path, role: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_npz(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     arrays = {k: v.detach().cpu().contiguous().numpy() for k, v in tensors.items()}
 
@@ -120,14 +106,14 @@ def write_npz(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
         with open(tmp, "wb") as handle:
             np.savez(handle, **arrays)
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 # ------------------------------------------------------------------------------ key checks

@@ -10,7 +10,11 @@ import difflib
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    OmegaConfBaseException,
+)
 
 from tipslab.errors import TipslabError
 
@@ -119,7 +123,7 @@ def load_config(exp: str, overrides: list[str] | tuple[str, ...] = ()) -> DictCo
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:
     """Write the resolved config beside a run (atomically) so the run can be reproduced."""
-    from tipslab.platform.files import atomic_write_text
+    from tipslab.atomic import atomic_write_text
 
     atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 

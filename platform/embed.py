@@ -15,13 +15,12 @@ Embeddings are L2-normalised (what similarity uses) unless `--raw`.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tipslab.atomic import atomic_write
 from tipslab.errors import TipslabError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -160,24 +159,12 @@ def compute_embeddings(loaded, image_paths: list[Path], texts: list[str], *, pat
 
 
 # ------------------------------------------------------------------------------- outputs
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_npz(result: dict, path: Path) -> None:
     def write(tmp):
         with open(tmp, "wb") as handle:
             np.savez(handle, **result)
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def write_parquet(result: dict, path: Path) -> None:
@@ -214,7 +201,7 @@ def write_parquet(result: dict, path: Path) -> None:
             ),
         }
     )
-    _atomic(path, lambda tmp: table.write_parquet(tmp))
+    atomic_write(path, lambda tmp: table.write_parquet(tmp))
 
 
 def run_embed(args) -> int:

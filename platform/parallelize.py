@@ -34,7 +34,9 @@ def parallelize_system(system, device_mesh, cfg) -> None:
 
     trainer_cfg = cfg.trainer
     if trainer_cfg.activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            checkpoint_wrapper,
+        )
 
         for block in transformer_blocks(system):
             _replace_block(system, block, checkpoint_wrapper(block))

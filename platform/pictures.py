@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tipslab.platform.files import atomic_write_bytes
+from tipslab.atomic import atomic_write_bytes
 
 
 def _figure_bytes(fig) -> bytes:

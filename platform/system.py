@@ -19,7 +19,6 @@ from tipslab.modules.encoder import build_encoder
 from tipslab.modules.features import Features, LossOutput
 from tipslab.platform.ema import cosine_momentum, ema_update_
 
-
 _NO_DECAY_NAMES = frozenset({"cls_token", "reg_token", "mask_token", "pos_embed", "logit_scale"})
 
 

@@ -16,9 +16,9 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tipslab.atomic import atomic_write_text
 from tipslab.errors import TipslabError
 from tipslab.platform.config import save_config
-from tipslab.platform.files import atomic_write_text
 from tipslab.platform.tracking import build_logger, default_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -91,12 +91,21 @@ def _resume_path(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
 
 
 def train(cfg: DictConfig) -> TrainResult:
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import (
+        LearningRateMonitor,
+        ModelCheckpoint,
+        TQDMProgressBar,
+    )
 
     from tipslab.datamodules.datamodule import PretrainDataModule
     from tipslab.datamodules.tokenizers import build_tokenizer
     from tipslab.modules.checkpoint import save_checkpoint
-    from tipslab.platform.callbacks import LossHistory, PicturesCallback, PointingGameCallback, StepThroughput
+    from tipslab.platform.callbacks import (
+        LossHistory,
+        PicturesCallback,
+        PointingGameCallback,
+        StepThroughput,
+    )
     from tipslab.platform.system import PretrainingSystem
 
     preflight(cfg)

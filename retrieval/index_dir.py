@@ -39,8 +39,14 @@ from pathlib import Path
 import numpy as np
 
 from tipslab.errors import TipslabError
-from tipslab.retrieval.extract import (FEATURES, ImageSource, PatchRecord, check_source, extract_patches,
-                                      open_source)
+from tipslab.retrieval.extract import (
+    FEATURES,
+    ImageSource,
+    PatchRecord,
+    check_source,
+    extract_patches,
+    open_source,
+)
 
 FORMAT = "tipslab-index"
 FORMAT_VERSION = 1

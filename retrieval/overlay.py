@@ -6,7 +6,6 @@ images (the 112 px scenes) are enlarged so the box and heatmap stay readable.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from tipslab.atomic import atomic_write
 from tipslab.retrieval.search import Hit
 
 MIN_SIDE = 320  # shortest side of a rendered hit, in pixels
@@ -137,9 +137,7 @@ def contact_sheet(pictures: Sequence[Image.Image], title: str, tile_width: int =
 
 
 def _save_png(picture: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    picture.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def write_overlays(hits: Sequence[Hit], out_dir) -> dict[str, list[Path]]:

@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 from test_official import write_pair
-from test_tokenizers import sp_model  # noqa: F401  (fixture: a tiny SentencePiece model trained there)
+from test_tokenizers import (
+    sp_model,  # noqa: F401  (fixture: a tiny SentencePiece model trained there)
+)
 
 from tipslab.errors import TipslabError
 from tipslab.modules import official

@@ -2,7 +2,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from tipslab.errors import TipslabError
-from tipslab.platform.config import available_experiments, flatten_for_logging, load_config
+from tipslab.platform.config import (
+    available_experiments,
+    flatten_for_logging,
+    load_config,
+)
 
 
 def test_experiment_layers_on_defaults_and_overrides_apply():

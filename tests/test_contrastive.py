@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from tipslab.errors import TipslabError
-from tipslab.modules.components import build_components, registered_components, weighted_total
-from tipslab.modules.contrastive import ContrastiveComponent, clip_loss_reference, retrieval_accuracy
+from tipslab.modules.components import (
+    build_components,
+    registered_components,
+    weighted_total,
+)
+from tipslab.modules.contrastive import (
+    ContrastiveComponent,
+    clip_loss_reference,
+    retrieval_accuracy,
+)
 from tipslab.modules.features import Features, LossOutput
 
 

@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 import torch
 
 from tipslab.platform.evaluate import patch_centres, pointing_game, pointing_hit

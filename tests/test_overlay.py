@@ -3,7 +3,13 @@
 import numpy as np
 from PIL import Image
 
-from tipslab.retrieval.overlay import BOX_COLOR, MIN_SIDE, render_hit, slugify, write_overlays
+from tipslab.retrieval.overlay import (
+    BOX_COLOR,
+    MIN_SIDE,
+    render_hit,
+    slugify,
+    write_overlays,
+)
 from tipslab.retrieval.search import Hit
 
 

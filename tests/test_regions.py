@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from tipslab.errors import TipslabError
-from tipslab.retrieval.regions import connected_components, find_regions, patch_box, threshold_mask
+from tipslab.retrieval.regions import (
+    connected_components,
+    find_regions,
+    patch_box,
+    threshold_mask,
+)
 
 
 def test_threshold_fraction_and_margin():

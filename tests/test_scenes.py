@@ -16,7 +16,12 @@ from tipslab.datamodules.scenes import (
     position_name,
     scene_class_names,
 )
-from tipslab.datamodules.scenes_export import read_scene_objects, rle_decode, rle_encode, write_scene_folder
+from tipslab.datamodules.scenes_export import (
+    read_scene_objects,
+    rle_decode,
+    rle_encode,
+    write_scene_folder,
+)
 from tipslab.errors import TipslabError
 
 SCENES = [generate_scene(7, i) for i in range(24)]
