@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from tipslab.datamodules.batch import Batch  # noqa: E402
+from tipslab.modules.features import Features  # noqa: E402
 from tipslab.platform.config import load_config  # noqa: E402
 from tipslab.platform.system import PretrainingSystem  # noqa: E402
 
@@ -29,16 +30,11 @@ class TwoPassText(PretrainingSystem):
     """The baseline: encode alt-text and caption in separate passes."""
 
     def compute_features(self, batch):
-        features = super().compute_features(_WithoutText(batch))
-        features.text_alt = self.encoder.encode_text(batch.alt_ids)
-        features.text_caption = self.encoder.encode_text(batch.caption_ids)
-        return features
-
-
-class _WithoutText:
-    def __init__(self, batch):
-        self.images, self.masks = batch.images, getattr(batch, "masks", None)
-        self.alt_ids = self.caption_ids = None
+        vision = self.encoder.encode_image(batch.images)
+        return Features(
+            logit_scale=self.encoder.logit_scale, cls1=vision.cls1, cls2=vision.cls2, patches=vision.patches,
+            text_alt=self.encoder.encode_text(batch.alt_ids), text_caption=self.encoder.encode_text(batch.caption_ids),
+        )
 
 
 def _with_checkpointing(system):
