@@ -21,16 +21,16 @@ renames it into place (swapping atomically with an existing one under ``overwrit
 renames are redone by whoever opens the directory next. A kill at any moment leaves either the
 old index or the new one, never a mix (a killed build leaves a hidden ``.NAME.building-*``
 directory beside it, safe to delete). One writer at a time: `add` holds ``.lock``.
+
+The pieces live beside this module: `index_layout` (file names), `durable` (fsynced writes, the
+journal, the lock), `faiss_backend`, `vector_store` (the float16 parts), `model_identity` (the
+model's sha256, reloading it) and `build_steps` (tables, training, publishing).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import datetime as _dt
-import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -39,6 +39,31 @@ from pathlib import Path
 import numpy as np
 
 from tipslab.errors import TipslabError
+from tipslab.retrieval.build_steps import (
+    _add_to_index,
+    _check_out,
+    _chmod_like_mkdir,
+    _encoder_dim,
+    _images_frame,
+    _ingest,
+    _metadata_frame,
+    _model_image_size,
+    _now,
+    _publish,
+    _report_skipped,
+    _tipslab_version,
+    _train,
+)
+from tipslab.retrieval.durable import (
+    JOURNAL,
+    _commit,
+    _fsync_path,
+    _locked,
+    _redo_journal,
+    _write_faiss,
+    _write_json,
+    _write_parquet,
+)
 from tipslab.retrieval.extract import (
     FEATURES,
     ImageSource,
@@ -47,446 +72,29 @@ from tipslab.retrieval.extract import (
     extract_patches,
     open_source,
 )
-
-FORMAT = "tipslab-index"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-INDEX_FILE = "index.faiss"
-METADATA_FILE = "metadata.parquet"
-IMAGES_FILE = "images.parquet"
-VECTORS_DIR = "vectors"
-IMAGES_DIR = "images"
-JOURNAL = ".commit.json"
-LOCK = ".lock"
-EXPECTED = (MANIFEST, INDEX_FILE, METADATA_FILE, IMAGES_FILE, VECTORS_DIR + "/")
-PART_ROWS = 1 << 20  # vectors per part file; an image never straddles two parts
-DEFAULT_NPROBE = 16
-ADD_CHUNK = 65536
-
-
-# ---------------------------------------------------------------- small durable-file helpers
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    _write_json(tmp, data)
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
-
-
-def _write_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _write_parquet(path: Path, frame) -> None:
-    frame.write_parquet(path)
-    _fsync_path(path)
-
-
-def _write_faiss(path: Path, index) -> None:
-    import faiss
-
-    faiss.write_index(_to_cpu(index), str(path))
-    _fsync_path(path)
-
-
-def _swap_dirs(a: Path, b: Path) -> bool:
-    """Exchange two directories in one atomic step (Linux renameat2); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
-
-
-def _commit(root: Path, renames: dict[str, str]) -> None:
-    """Replace several files of ``root`` as one unit: journal first, then the renames."""
-    _atomic_json(root / JOURNAL, {"renames": renames})
-    _redo_journal(root)
-
-
-def _redo_journal(root: Path) -> None:
-    """Finish an interrupted commit. Idempotent: a rename already done has no source left."""
-    journal = root / JOURNAL
-    if not journal.exists():
-        return
-    try:
-        renames = json.loads(journal.read_text(encoding="utf-8"))["renames"]
-    except FileNotFoundError:
-        return  # another process finished it a moment ago
-    for final, pending in renames.items():
-        # A rename already done has no source left; another process may be redoing it too.
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(root / pending, root / final)
-    _fsync_path(root)
-    journal.unlink(missing_ok=True)
-    _fsync_path(root)
-
-
-@contextlib.contextmanager
-def _locked(root: Path):
-    """One writer at a time per index directory (readers need no lock: commits are atomic)."""
-    import fcntl
-
-    with open(root / LOCK, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise TipslabError(f"{root}: another process is adding to this index; try again when it is done") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-# ---------------------------------------------------------------- model identity
-
-def _weights_file(model_path: Path) -> Path | None:
-    if model_path.is_file():
-        return model_path
-    candidate = model_path / "model.safetensors"
-    return candidate if candidate.is_file() else None
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def model_identity(model_path: str | os.PathLike) -> dict:
-    """Where the model is and which weights it holds (sha256 of model.safetensors)."""
-    path = Path(model_path).expanduser()
-    if not path.exists():
-        # A release name (resolved by load_model); nothing on disk to hash.
-        return {"source": str(model_path), "path": None, "weights": None, "sha256": None}
-    path = path.resolve()
-    weights = _weights_file(path)
-    info = {"source": str(model_path), "path": str(path), "weights": None, "sha256": None}
-    if weights is not None:
-        stat = weights.stat()
-        info.update(weights=weights.name, sha256=sha256_file(weights), bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
-    return info
-
-
-def _model_cfg_dict(model_cfg) -> dict | None:
-    if model_cfg is None:
-        return None
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(model_cfg, DictConfig):
-            return OmegaConf.to_container(model_cfg, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is part of the stack
-        pass
-    return json.loads(json.dumps(model_cfg, default=str))
-
-
-def load_indexed_model(manifest: dict, where: Path, device: str | None = None):
-    """The manifest's model, refusing weights that differ from the ones the index was built with."""
-    from tipslab.platform.api import load_model
-
-    info = manifest["model"]
-    source = info.get("path") or info.get("source")
-    if info.get("path"):
-        path = Path(info["path"])
-        if not path.exists():
-            raise TipslabError(f"{where}/{MANIFEST}: model.path {path} does not exist any more "
-                               "(the index needs the model it was built with to embed queries)")
-        weights = _weights_file(path)
-        if info.get("sha256") and weights is not None:
-            stat = weights.stat()
-            # Hash only when the file looks changed: hashing GBs of weights on every query is slow.
-            if stat.st_size != info.get("bytes") or stat.st_mtime_ns != info.get("mtime_ns"):
-                if sha256_file(weights) != info["sha256"]:
-                    raise TipslabError(f"{where}/{MANIFEST}: {weights} no longer matches the index's model "
-                                       f"(sha256 {info['sha256'][:12]}...); rebuild the index with `tipslab index`")
-    loaded = load_model(source)
-    if device is not None:
-        loaded.encoder.to(device)
-    return loaded
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# ---------------------------------------------------------------- FAISS helpers
-
-def _faiss():
-    import faiss
-
-    return faiss
-
-
-def gpu_available() -> bool:
-    faiss = _faiss()
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-def _to_gpu(index):
-    """A GPU clone of a Flat/IVF index for searching; the CPU index where that is not possible.
-
-    Untested here (no GPU in CI); kept small on purpose. HNSW and some codecs do not clone.
-    """
-    faiss = _faiss()
-    try:
-        resources = faiss.StandardGpuResources()
-        gpu_index = faiss.index_cpu_to_gpu(resources, 0, index)
-        gpu_index.referenced_resources = resources  # keep the resources alive with the index
-        return gpu_index
-    except Exception:  # noqa: BLE001 - any failure means: search on CPU
-        return index
-
-
-def _to_cpu(index):
-    faiss = _faiss()
-    if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
-        return faiss.index_gpu_to_cpu(index)
-    return index
-
-
-def new_faiss_index(factory: str, dim: int):
-    """An empty inner-product index from a factory string, or a clear error naming the string."""
-    faiss = _faiss()
-    try:
-        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1] if str(err).strip() else "rejected"
-        raise TipslabError(f"--factory {factory!r}: FAISS cannot build it for dim {dim} ({first})") from None
-
-
-def _min_train_points(index) -> int:
-    """The fewest training vectors FAISS accepts for this index (k-means needs >= k points)."""
-    faiss = _faiss()
-    needed, ivf = 1, None
-    with contextlib.suppress(RuntimeError):
-        ivf = faiss.extract_index_ivf(index)
-        needed = int(ivf.nlist)
-    pq = getattr(faiss.downcast_index(index), "pq", None)
-    if pq is None and ivf is not None:
-        pq = getattr(faiss.downcast_index(ivf), "pq", None)
-    if pq is not None:
-        needed = max(needed, 1 << int(pq.nbits))
-    return needed
-
-
-def _search_params(index) -> str:
-    """Default search parameters kept in the manifest (IVF: probe 16 lists, or all if fewer)."""
-    faiss = _faiss()
-    try:
-        nlist = int(faiss.extract_index_ivf(index).nlist)
-    except RuntimeError:
-        return ""
-    return f"nprobe={min(nlist, DEFAULT_NPROBE)}"
-
-
-def _apply_params(index, params: str) -> None:
-    if not params:
-        return
-    faiss = _faiss()
-    space = faiss.GpuParameterSpace() if "Gpu" in type(index).__name__ else faiss.ParameterSpace()
-    try:
-        space.set_index_parameters(index, params)
-    except RuntimeError as err:
-        raise TipslabError(f"search params {params!r}: FAISS rejects them for this index ({err})") from None
-
-
-# ---------------------------------------------------------------- the vector store
-
-class _PartWriter:
-    """Appends float16 vectors to ``vectors/part-NNNNN.npy`` files, splitting at image boundaries."""
-
-    def __init__(self, folder: Path, first_part: int):
-        self.folder = folder
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.next_part = first_part
-        self.pending: list[np.ndarray] = []
-        self.pending_rows = 0
-        self.parts: list[dict] = []
-
-    def add(self, vectors: np.ndarray) -> None:
-        if self.pending_rows and self.pending_rows + len(vectors) > PART_ROWS:
-            self.flush()
-        self.pending.append(vectors.astype(np.float16))
-        self.pending_rows += len(vectors)
-
-    def flush(self) -> None:
-        if not self.pending_rows:
-            return
-        name = f"part-{self.next_part:05d}.npy"
-        _write_npy(self.folder / name, np.concatenate(self.pending))
-        self.parts.append({"file": f"{VECTORS_DIR}/{name}", "rows": self.pending_rows})
-        self.next_part += 1
-        self.pending, self.pending_rows = [], 0
-
-
-class _VectorStore:
-    """Read access to the float16 parts: rows by global vector id, memory-mapped."""
-
-    def __init__(self, root: Path, parts: list[dict]):
-        self.root = root
-        self.parts = parts
-        self.starts = np.cumsum([0] + [p["rows"] for p in parts])
-        self._arrays: dict[int, np.ndarray] = {}
-
-    def _part(self, i: int) -> np.ndarray:
-        if i not in self._arrays:
-            self._arrays[i] = np.load(self.root / self.parts[i]["file"], mmap_mode="r")
-        return self._arrays[i]
-
-    def rows(self, start: int, count: int) -> np.ndarray:
-        """float32 rows ``[start, start + count)``; they lie in one part (images never straddle)."""
-        i = int(np.searchsorted(self.starts, start, side="right")) - 1
-        local = start - int(self.starts[i])
-        return np.asarray(self._part(i)[local:local + count], dtype=np.float32)
-
-    def iter_chunks(self, chunk: int = ADD_CHUNK, parts: Iterable[int] | None = None):
-        for i in (range(len(self.parts)) if parts is None else parts):
-            array = self._part(i)
-            for lo in range(0, len(array), chunk):
-                yield np.ascontiguousarray(array[lo:lo + chunk], dtype=np.float32)
-
-    def sample(self, count: int, rng: np.random.Generator) -> np.ndarray:
-        total = int(self.starts[-1])
-        picks = np.sort(rng.choice(total, size=min(count, total), replace=False))
-        out = np.empty((len(picks), self._part(0).shape[1]), dtype=np.float32)
-        for i in range(len(self.parts)):
-            lo, hi = np.searchsorted(picks, [self.starts[i], self.starts[i + 1]])
-            if hi > lo:
-                out[lo:hi] = self._part(i)[picks[lo:hi] - self.starts[i]]
-        return out
-
-
-# ---------------------------------------------------------------- building tables
-
-def _images_frame(rows: list[dict]):
-    import polars as pl
-
-    schema = {"image_id": pl.Int64, "key": pl.String, "image_path": pl.String, "image_width": pl.Int32,
-              "image_height": pl.Int32, "grid_h": pl.Int32, "grid_w": pl.Int32,
-              "first_vector_id": pl.Int64, "num_vectors": pl.Int32}
-    return pl.DataFrame(rows, schema=schema) if rows else pl.DataFrame(schema=schema)
-
-
-def _metadata_frame(images):
-    """One row per vector, expanded from the per-image table (an image's vectors are contiguous)."""
-    import polars as pl
-
-    counts = images["num_vectors"].to_numpy().astype(np.int64)
-    total = int(counts.sum())
-    owner = np.repeat(np.arange(len(images)), counts)
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    within = np.arange(total, dtype=np.int64) - np.repeat(offsets, counts)
-    grid_w = images["grid_w"].to_numpy()[owner].astype(np.int64)
-    first = int(images["first_vector_id"][0]) if len(images) else 0
-    return pl.DataFrame({
-        "vector_id": np.arange(first, first + total, dtype=np.int64),
-        "image_id": images["image_id"].to_numpy()[owner],
-        "image_path": images["image_path"].gather(owner),
-        "image_width": images["image_width"].to_numpy()[owner],
-        "image_height": images["image_height"].to_numpy()[owner],
-        "grid_h": images["grid_h"].to_numpy()[owner],
-        "grid_w": grid_w.astype(np.int32),
-        "patch_row": (within // grid_w).astype(np.int32),
-        "patch_col": (within % grid_w).astype(np.int32),
-    })
-
-
-def _save_scene_image(root: Path, key: str, pixels) -> str:
-    """Write a generated image as PNG under images/; returns its path relative to the index."""
-    from PIL import Image
-
-    name = key.replace(":", "-").replace("/", "-") + ".png"
-    array = (pixels.detach().cpu().float().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    target = root / IMAGES_DIR / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, target)
-    return f"{IMAGES_DIR}/{name}"
-
-
-def _ingest(records: Iterable[PatchRecord], root: Path, writer: _PartWriter, first_image_id: int,
-            first_vector_id: int, dim: int | None) -> tuple[list[dict], int | None]:
-    """Store each record's vectors and describe its image; returns (image rows, dim)."""
-    rows = []
-    vector_id = first_vector_id
-    for record in records:
-        vectors = record.vectors
-        if dim is None:
-            dim = int(vectors.shape[1])
-        elif vectors.shape[1] != dim:
-            raise TipslabError(f"{record.image.key}: embedding dim {vectors.shape[1]} differs from the index's {dim}")
-        image = record.image
-        path = image.path if image.path is not None else _save_scene_image(root, image.key, image.pixels)
-        writer.add(vectors)
-        rows.append({"image_id": first_image_id + len(rows), "key": image.key, "image_path": path,
-                     "image_width": image.size[0], "image_height": image.size[1],
-                     "grid_h": record.grid[0], "grid_w": record.grid[1],
-                     "first_vector_id": vector_id, "num_vectors": len(vectors)})
-        vector_id += len(vectors)
-    writer.flush()
-    return rows, dim
-
-
-def _report_skipped(source: ImageSource, progress: bool) -> None:
-    if source.skipped and progress:
-        print(f"skipped {len(source.skipped)} unreadable image(s) from {source.spec} (listed in {MANIFEST})")
-
-
-def _model_image_size(loaded, image_size: int | None) -> int:
-    if image_size is None:
-        cfg = loaded.model_cfg
-        try:
-            image_size = int(cfg["vision"]["img_size"])
-        except (KeyError, TypeError):
-            image_size = int(getattr(getattr(loaded.encoder, "vision", None), "img_size", 224))
-    if image_size <= 0 or image_size % 14:
-        raise TipslabError(f"image_size: expected a positive multiple of the patch size 14, got {image_size}")
-    return image_size
-
+from tipslab.retrieval.faiss_backend import (
+    _apply_params,
+    _faiss,
+    _search_params,
+    _to_gpu,
+    gpu_available,
+    new_faiss_index,
+)
+from tipslab.retrieval.index_layout import (
+    EXPECTED,
+    FORMAT,
+    FORMAT_VERSION,
+    IMAGES_FILE,
+    INDEX_FILE,
+    MANIFEST,
+    METADATA_FILE,
+    VECTORS_DIR,
+)
+from tipslab.retrieval.model_identity import _default_device, _model_cfg_dict, load_indexed_model, model_identity
+from tipslab.retrieval.model_identity import sha256_file as sha256_file  # re-exported: tests import it from here
+from tipslab.retrieval.vector_store import _PartWriter, _VectorStore
 
 # ---------------------------------------------------------------- build
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        kind = "an index directory" if (out / MANIFEST).exists() else "a path"
-        raise TipslabError(f"--out {out}: {kind} already exists; pass --overwrite to replace it "
-                           "(or add images to an index with --add)")
-    if out.exists() and not out.is_dir():
-        raise TipslabError(f"--out {out}: exists and is not a directory")
-
 
 def build_index(model_path, source, out_dir, factory: str = "Flat", feature: str = "dense", batch_size: int = 16,
                 overwrite: bool = False, *, image_size: int | None = None, scenes_count: int | None = None,
@@ -586,73 +194,6 @@ def write_index(records: Iterable[PatchRecord], out_dir, *, factory: str = "Flat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return IndexDirectory.open(out)
-
-
-def _chmod_like_mkdir(path: Path) -> None:
-    """mkdtemp makes 0700 directories; an index should get the permissions a plain mkdir gives."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished build into place; an existing ``out`` is swapped out in one step."""
-    if not out.exists():
-        os.rename(tmp, out)
-    elif _swap_dirs(tmp, out):
-        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old index
-    else:  # no atomic exchange on this system: two renames, old copy kept until the new is in
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync_path(out.parent)
-
-
-def _encoder_dim(encoder) -> int | None:
-    for owner in (getattr(encoder, "vision", None), encoder):
-        dim = getattr(owner, "embed_dim", None)
-        if isinstance(dim, int):
-            return dim
-    return None
-
-
-def _tipslab_version() -> str:
-    import tipslab
-
-    return getattr(tipslab, "__version__", "unknown")
-
-
-def _train(index, store: _VectorStore, factory: str, train_size: int | None, seed: int, progress: bool) -> None:
-    if index.is_trained:
-        return
-    total = int(store.starts[-1])
-    needed = _min_train_points(index)
-    if total < needed:
-        raise TipslabError(f"--factory {factory!r}: training needs at least {needed} vectors, the collection "
-                           f"has {total}; use a smaller nlist/code size or --factory Flat")
-    try:
-        nlist = int(_faiss().extract_index_ivf(index).nlist)
-    except RuntimeError:
-        nlist = 1
-    count = train_size or max(needed, 256 * nlist, 65536)
-    if progress:
-        print(f"training {factory} on {min(count, total)} of {total} vectors")
-    try:
-        index.train(store.sample(count, np.random.default_rng(seed)))
-    except RuntimeError as err:
-        raise TipslabError(f"--factory {factory!r}: FAISS training failed ({str(err).strip().splitlines()[-1]})") from None
-
-
-def _add_to_index(index, store: _VectorStore, parts: Iterable[int], progress: bool) -> None:
-    from tqdm.auto import tqdm
-
-    parts = list(parts)
-    total = sum(store.parts[i]["rows"] for i in parts)
-    with tqdm(total=total, desc="faiss add", unit="vec", disable=not progress or total < 4 * ADD_CHUNK) as bar:
-        for chunk in store.iter_chunks(parts=parts):
-            index.add(chunk)
-            bar.update(len(chunk))
 
 
 # ---------------------------------------------------------------- open / read / add

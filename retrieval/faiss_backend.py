@@ -1,0 +1,90 @@
+"""FAISS helpers for index directories: the lazy import, GPU detection and GPU/CPU copies of an
+index, new inner-product indexes from a factory string (with errors that name the string), the
+fewest vectors an index trains on, and the default and applied search parameters."""
+
+from __future__ import annotations
+
+import contextlib
+
+from tipslab.errors import TipslabError
+
+DEFAULT_NPROBE = 16
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def gpu_available() -> bool:
+    faiss = _faiss()
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _to_gpu(index):
+    """A GPU clone of a Flat/IVF index for searching; the CPU index where that is not possible.
+
+    Untested here (no GPU in CI); kept small on purpose. HNSW and some codecs do not clone.
+    """
+    faiss = _faiss()
+    try:
+        resources = faiss.StandardGpuResources()
+        gpu_index = faiss.index_cpu_to_gpu(resources, 0, index)
+        gpu_index.referenced_resources = resources  # keep the resources alive with the index
+        return gpu_index
+    except Exception:  # noqa: BLE001 - any failure means: search on CPU
+        return index
+
+
+def _to_cpu(index):
+    faiss = _faiss()
+    if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
+        return faiss.index_gpu_to_cpu(index)
+    return index
+
+
+def new_faiss_index(factory: str, dim: int):
+    """An empty inner-product index from a factory string, or a clear error naming the string."""
+    faiss = _faiss()
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else "rejected"
+        raise TipslabError(f"--factory {factory!r}: FAISS cannot build it for dim {dim} ({first})") from None
+
+
+def _min_train_points(index) -> int:
+    """The fewest training vectors FAISS accepts for this index (k-means needs >= k points)."""
+    faiss = _faiss()
+    needed, ivf = 1, None
+    with contextlib.suppress(RuntimeError):
+        ivf = faiss.extract_index_ivf(index)
+        needed = int(ivf.nlist)
+    pq = getattr(faiss.downcast_index(index), "pq", None)
+    if pq is None and ivf is not None:
+        pq = getattr(faiss.downcast_index(ivf), "pq", None)
+    if pq is not None:
+        needed = max(needed, 1 << int(pq.nbits))
+    return needed
+
+
+def _search_params(index) -> str:
+    """Default search parameters kept in the manifest (IVF: probe 16 lists, or all if fewer)."""
+    faiss = _faiss()
+    try:
+        nlist = int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:
+        return ""
+    return f"nprobe={min(nlist, DEFAULT_NPROBE)}"
+
+
+def _apply_params(index, params: str) -> None:
+    if not params:
+        return
+    faiss = _faiss()
+    space = faiss.GpuParameterSpace() if "Gpu" in type(index).__name__ else faiss.ParameterSpace()
+    try:
+        space.set_index_parameters(index, params)
+    except RuntimeError as err:
+        raise TipslabError(f"search params {params!r}: FAISS rejects them for this index ({err})") from None
