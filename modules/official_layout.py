@@ -113,6 +113,16 @@ def expected_vision_shapes(size: str, pos_grid: int) -> dict[str, tuple]:
     return _shapes(official_vision_state(tower))
 
 
+def _chosen_size(source: str, tower: str, size: str | None, known, guess: str | None, description: str) -> str:
+    """The size asked for (if known) or the one the file's shapes point to; else a clear error."""
+    if size is not None and size not in known:
+        raise TipslabError(f"{source}: {tower} size {size!r} is not known; expected one of {', '.join(known)}")
+    size = size or guess
+    if size is None:
+        raise TipslabError(f"{source}: not a TIPS {tower} tower of a known size; {_looks(guess, description)}")
+    return size
+
+
 def vision_size_and_grid(state: dict[str, torch.Tensor], source: str, size: str | None = None) -> tuple[str, int]:
     """Validate an official vision dict; return its size and position grid side."""
     keys = list(state)
@@ -120,11 +130,7 @@ def vision_size_and_grid(state: dict[str, torch.Tensor], source: str, size: str 
         raise TipslabError(f"{source}: this is a TIPS text tower file (has token_embedding / transformer.resblocks), "
                            "expected the vision file")
     guess, description = infer_vision_size(state)
-    if size is not None and size not in VISION_SIZES:
-        raise TipslabError(f"{source}: vision size {size!r} is not known; expected one of {', '.join(VISION_SIZES)}")
-    size = size or guess
-    if size is None:
-        raise TipslabError(f"{source}: not a TIPS vision tower of a known size; {_looks(guess, description)}")
+    size = _chosen_size(source, "vision", size, VISION_SIZES, guess, description)
     pos = state.get("pos_embed")
     tokens = int(pos.shape[1]) - 1 if pos is not None and pos.ndim == 3 else None
     grid = int(round(math.sqrt(tokens))) if tokens and tokens > 0 else 0
@@ -184,11 +190,7 @@ def text_size(state: dict[str, torch.Tensor], source: str, size: str | None = No
     if _looks_like_vision(keys) and not _looks_like_text(keys):
         raise TipslabError(f"{source}: this is a TIPS vision tower file (has patch_embed / blocks), expected the text file")
     guess, description = infer_text_size(state)
-    if size is not None and size not in TEXT_SIZES:
-        raise TipslabError(f"{source}: text size {size!r} is not known; expected one of {', '.join(TEXT_SIZES)}")
-    size = size or guess
-    if size is None:
-        raise TipslabError(f"{source}: not a TIPS text tower of a known size; {_looks(guess, description)}")
+    size = _chosen_size(source, "text", size, TEXT_SIZES, guess, description)
     embedding = state.get("token_embedding.weight")
     vocab = int(embedding.shape[0]) if embedding is not None and embedding.ndim == 2 else OFFICIAL_VOCAB
     problems = describe_mismatch(expected_text_shapes(size, vocab), _shapes(state))
