@@ -99,6 +99,7 @@ class PointingGameCallback(L.Callback):
         for feature, dense in (("dense", True), ("final", False)):
             result = pointing_game(pl_module.encoder, self.tokenizer, scenes, dense=dense)
             self.results[f"eval/pointing_acc_{feature}"] = result.accuracy
+            self.results[f"eval/pointing_any_object_{feature}"] = result.any_object
         self.results["eval/pointing_chance"] = result.chance
         if trainer.logger is not None:
             trainer.logger.log_metrics(self.results, step=trainer.global_step)

@@ -67,6 +67,37 @@ def _check_keys(defaults: DictConfig, layer: DictConfig, where: str) -> None:
             raise _unknown_key_error(defaults, key, where)
 
 
+def _type_name(value) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def _check_types(defaults: DictConfig, cfg: DictConfig, where: str) -> None:
+    """A value must have its default's type (an int is fine where a float is expected).
+
+    defaults.yaml is plain YAML (no schema classes), so this is where `trainer.max_steps=abc`
+    is caught, instead of deep inside Lightning."""
+    for key in _all_keys(defaults):
+        parent, _, leaf = key.rpartition(".")
+        parent_node = OmegaConf.select(defaults, parent) if parent else defaults
+        if OmegaConf.is_interpolation(parent_node, leaf):
+            continue  # its type is its target's
+        default = OmegaConf.select(defaults, key, throw_on_missing=False, throw_on_resolution_failure=False)
+        if default is None or isinstance(default, (DictConfig, ListConfig)):
+            continue
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        if value is None:
+            continue
+        ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if isinstance(default, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            ok = True  # e.g. devices=auto by default, 8 given; the consumer interprets it
+        if not ok:
+            raise TipslabError(
+                f"config key '{key}' in {where} or the overrides expects {_type_name(default)}, got {value!r}"
+            )
+
+
 def resolve_experiment_path(exp: str) -> Path:
     path = Path(exp)
     if path.suffix in (".yaml", ".yml"):
@@ -118,6 +149,7 @@ def load_config(exp: str, overrides: list[str] | tuple[str, ...] = ()) -> DictCo
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise TipslabError(f"cannot resolve config of {exp_path}: {err}") from err
+    _check_types(defaults, cfg, str(exp_path))
     return cfg
 
 

@@ -2,7 +2,10 @@
 
 The pointing game: for every object of every validation scene, take the patch most similar to
 the object's class name ("red circle"); a hit is when that patch's centre lies on the object's
-mask. Chance level is the mean share of the image each object covers, reported beside it.
+mask. Chance level is the mean share of the image each object covers, reported beside it, and
+so is the share of best patches that land on *any* object of the scene: a model that finds
+objects but not the named one scores high there and low on accuracy (an untrained ViT already
+prefers the bright objects over the dark background).
 This is the quantity TIPSv2's recipe (iBOT++, head-only EMA, distillation) is meant to raise.
 """
 
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 class PointingResult:
     accuracy: float
     chance: float
+    any_object: float
     objects: int
 
 
@@ -46,17 +50,20 @@ def pointing_game(encoder, tokenizer, scenes, dense: bool = True, batch_size: in
     names = sorted({obj.class_name for scene in scenes for obj in scene.objects})
     text = F.normalize(encoder.encode_text(tokenizer(names).to(device)), dim=-1)
     column = {name: i for i, name in enumerate(names)}
-    hits, areas = [], []
+    hits, areas, any_hits = [], [], []
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start : start + batch_size]
         images = torch.stack([s.to_tensor() for s in chunk]).to(device)
         out = encoder.encode_image(images, dense=dense)
         sims = (F.normalize(out.patches, dim=-1) @ text.T).reshape(len(chunk), *out.grid, len(names))
         for scene, sim in zip(chunk, sims.cpu().numpy()):
+            union = np.logical_or.reduce([obj.mask for obj in scene.objects])
             for obj in scene.objects:
                 hits.append(pointing_hit(sim[..., column[obj.class_name]], obj.mask))
+                any_hits.append(pointing_hit(sim[..., column[obj.class_name]], union))
                 areas.append(float(obj.mask.mean()))
     encoder.train(was_training)
     if not hits:
-        return PointingResult(accuracy=float("nan"), chance=float("nan"), objects=0)
-    return PointingResult(accuracy=float(np.mean(hits)), chance=float(np.mean(areas)), objects=len(hits))
+        return PointingResult(accuracy=float("nan"), chance=float("nan"), any_object=float("nan"), objects=0)
+    return PointingResult(accuracy=float(np.mean(hits)), chance=float(np.mean(areas)),
+                          any_object=float(np.mean(any_hits)), objects=len(hits))

@@ -16,7 +16,8 @@ def print_train_summary(result) -> None:
         ev = result.evaluation
         print(
             f"  patch-text pointing (scenes val): dense {ev['eval/pointing_acc_dense']:.3f}, "
-            f"final {ev['eval/pointing_acc_final']:.3f}, chance {ev['eval/pointing_chance']:.3f}"
+            f"final {ev['eval/pointing_acc_final']:.3f}, chance {ev['eval/pointing_chance']:.3f} "
+            f"(best patch on any object: dense {ev['eval/pointing_any_object_dense']:.3f})"
         )
     print(f"  MLflow run     : {result.experiment_name} / {result.run_id}")
     print(f"                   open: make mlflow-ui  (or: mlflow ui --backend-store-uri {shlex.quote(db)})")

@@ -109,8 +109,7 @@ def train(cfg: DictConfig) -> TrainResult:
     from tipslab.platform.system import PretrainingSystem
 
     preflight(cfg)
-    # Lightning's throughput monitor asks for a FLOP count we do not provide; images/s is what we log.
-    warnings.filterwarnings("ignore", message=".*flops_per_batch.*")
+    _quiet_known_noise()
     run_dir = Path(cfg.run_dir)
     checkpoint_dir = run_dir / "checkpoints"
     ckpt_path = _resume_path(cfg, checkpoint_dir)
@@ -184,6 +183,22 @@ def train(cfg: DictConfig) -> TrainResult:
         last_loss=history.last,
         evaluation=dict(pointing.results) if pointing is not None else {},
     )
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def _quiet_known_noise() -> None:
+    """Hide messages that are not about this run, so the ones that are stay visible."""
+    # Lightning's throughput monitor asks for a FLOP count we do not provide; images/s is what we log.
+    warnings.filterwarnings("ignore", message=".*flops_per_batch.*")
+    # A deprecation inside Lightning's own pytree helper, not in tipslab code.
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdverts) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropAdverts())
 
 
 def _full_encoder(system):

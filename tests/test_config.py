@@ -52,3 +52,12 @@ def test_flatten_for_logging_has_dotted_keys():
     flat = flatten_for_logging(load_config("tipsv2_tiny"))
     assert flat["model.vision.size"] == "tiny"
     assert flat["data.caption_granularities"] == "['short', 'long']"
+
+
+def test_value_of_the_wrong_type_names_key_and_expected_type():
+    with pytest.raises(TipslabError, match=r"'trainer.max_steps'.*expects an integer, got 'abc'"):
+        load_config("tipsv2_tiny", ["trainer.max_steps=abc"])
+    with pytest.raises(TipslabError, match=r"'tracking.pictures'.*expects true/false"):
+        load_config("tipsv2_tiny", ["tracking.pictures=3"])
+    # An integer where a number is expected is fine.
+    assert load_config("tipsv2_tiny", ["optim.lr=1"]).optim.lr == 1

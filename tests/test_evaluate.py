@@ -51,3 +51,4 @@ def test_pointing_game_scores_an_oracle_well_above_chance():
     assert result.objects == sum(len(s.objects) for s in scenes)
     assert 0 < result.chance < 0.3
     assert result.accuracy > 0.6 > 10 * result.chance
+    assert result.any_object >= result.accuracy
