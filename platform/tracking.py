@@ -11,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from tipslab.atomic import atomic_write_text
 from tipslab.platform.config import flatten_for_logging
 
 
@@ -40,4 +41,7 @@ def build_logger(cfg: DictConfig, resume: bool = False):
     )
     if run_id is None:
         logger.log_hyperparams(flatten_for_logging(cfg))
+        if logger.run_id:  # None on ranks other than 0
+            # Written now, not at the end: a run killed mid-way resumes into the same MLflow run.
+            atomic_write_text(id_file, logger.run_id + "\n")
     return logger

@@ -16,7 +16,6 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tipslab.atomic import atomic_write_text
 from tipslab.errors import TipslabError
 from tipslab.platform.config import save_config
 from tipslab.platform.tracking import build_logger, default_tracking_uri
@@ -170,7 +169,6 @@ def train(cfg: DictConfig) -> TrainResult:
         save_checkpoint(encoder, OmegaConf.to_container(cfg.model, resolve=True), model_dir)
         logger.experiment.log_artifacts(logger.run_id, str(model_dir), artifact_path="model")
         logger.experiment.log_artifact(logger.run_id, str(run_dir / "config.yaml"))
-        atomic_write_text(run_dir / "mlflow_run_id.txt", logger.run_id + "\n")
     trainer.strategy.barrier()
     return TrainResult(
         run_dir=run_dir,
