@@ -205,7 +205,7 @@ def write_parquet(result: dict, path: Path) -> None:
 
 
 def run_embed(args) -> int:
-    from tipslab.platform.api import load_model
+    from tipslab.modules.api import load_model
 
     out = Path(args.out).expanduser()
     if out.suffix not in (".npz", ".parquet"):

@@ -97,8 +97,8 @@ def train(cfg: DictConfig) -> TrainResult:
     )
 
     from tipslab.datamodules.datamodule import PretrainDataModule
-    from tipslab.datamodules.tokenizers import build_tokenizer
     from tipslab.modules.checkpoint import save_checkpoint
+    from tipslab.modules.tokenizers import build_tokenizer
     from tipslab.platform.callbacks import (
         LossHistory,
         PicturesCallback,

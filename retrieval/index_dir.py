@@ -113,7 +113,7 @@ def build_index(model_path, source, out_dir, factory: str = "Flat", feature: str
     check_source(source)  # a typo in SOURCE should not cost a model load
     identity = model_identity(model_path)
     if loaded is None:
-        from tipslab.platform.api import load_model
+        from tipslab.modules.api import load_model
 
         loaded = load_model(model_path)
         loaded.encoder.to(device or _default_device())

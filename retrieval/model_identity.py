@@ -58,7 +58,7 @@ def _model_cfg_dict(model_cfg) -> dict | None:
 
 def load_indexed_model(manifest: dict, where: Path, device: str | None = None):
     """The manifest's model, refusing weights that differ from the ones the index was built with."""
-    from tipslab.platform.api import load_model
+    from tipslab.modules.api import load_model
 
     info = manifest["model"]
     source = info.get("path") or info.get("source")

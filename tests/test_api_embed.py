@@ -15,10 +15,10 @@ from test_tokenizers import (
 
 from tipslab.errors import TipslabError
 from tipslab.modules import official
+from tipslab.modules.api import Preprocess, load_model
 from tipslab.modules.checkpoint import save_checkpoint
 from tipslab.modules.encoder import build_encoder
 from tipslab.platform import embed
-from tipslab.platform.api import Preprocess, load_model
 
 MODEL_CFG = {
     "vision": {"size": "tiny", "img_size": 42, "drop_path_rate": 0.0},

@@ -11,9 +11,9 @@ from tipslab.datamodules.batch import Batch
 from tipslab.datamodules.datamodule import PretrainDataModule
 from tipslab.datamodules.scenes import ScenesDataset
 from tipslab.datamodules.shards import write_scene_shards
-from tipslab.datamodules.tokenizers import build_tokenizer
 from tipslab.datamodules.transforms import GlobalCrop, crop_params
 from tipslab.errors import TipslabError
+from tipslab.modules.tokenizers import build_tokenizer
 
 TOKENIZER = build_tokenizer(context_length=32)
 # 24 scenes, batches of 4: 6 batches per epoch. 56 px keeps every test fast.

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tipslab.datamodules.tokenizers import SentencePieceTokenizer, build_tokenizer
 from tipslab.errors import TipslabError
+from tipslab.modules.tokenizers import SentencePieceTokenizer, build_tokenizer
 
 SENTENCES = [
     "a red square next to a blue circle",

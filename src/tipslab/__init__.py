@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 def load_model(name_or_path, **kwargs):
     """Encoders + tokenizer + preprocessing from a tipslab checkpoint or an official release."""
-    from tipslab.platform.api import load_model as _load_model
+    from tipslab.modules.api import load_model as _load_model
 
     return _load_model(name_or_path, **kwargs)
 

@@ -71,7 +71,7 @@ class LoadedModel:
 
 
 def _finish(encoder, model_cfg: dict, device) -> LoadedModel:
-    from tipslab.datamodules.tokenizers import build_tokenizer
+    from tipslab.modules.tokenizers import build_tokenizer
 
     tokenizer = build_tokenizer(**dict(model_cfg.get("tokenizer") or {"kind": "bpe"}))
     encoder = encoder.to(device).eval()
