@@ -18,34 +18,63 @@ class Batch:
     alt_ids: torch.Tensor  # long [B, L]: CLS1's text (alt-text)
     caption_ids: torch.Tensor  # long [B, L]: CLS2's text (sampled richer caption)
     ids: list[str]  # sample ids, as the source names them
-    masks: torch.Tensor | None = None  # bool [B, N] patches to mask (iBOT); None: no masking
+    # Multi-crop views (DINOv2): global crops [G, B, 3, H, W] (global_crops[0] is `images`, the
+    # view the captions describe), local crops [L, B, 3, h, w]; None when the data makes none.
+    global_crops: torch.Tensor | None = None
+    local_crops: torch.Tensor | None = None
+    masks: torch.Tensor | None = None  # bool [G, B, N]: patches of each global crop to mask (iBOT)
     captions: list[str] | None = None  # CLS2's caption texts, as sampled
     alt_texts: list[str] | None = None  # CLS1's texts
     granularities: list[str] | None = None  # which granularity each caption came from
 
+    @property
+    def num_global(self) -> int:
+        return 1 if self.global_crops is None else int(self.global_crops.shape[0])
+
+    @property
+    def num_local(self) -> int:
+        return 0 if self.local_crops is None else int(self.local_crops.shape[0])
+
     def to(self, device, non_blocking: bool = False) -> Batch:
         """A copy with every tensor on ``device`` (lists of strings stay as they are)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def _map(self, fn) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():
-            if isinstance(value, torch.Tensor):
-                moved[name] = value.to(device, non_blocking=non_blocking)
+            if isinstance(value, torch.Tensor) and not (name == "images" and self.global_crops is not None):
+                moved[name] = fn(value)
+        if self.global_crops is not None:  # `images` stays a view of the first global crop, not a copy
+            moved["images"] = moved["global_crops"][0]
         return replace(self, **moved)
 
     def pin_memory(self) -> Batch:
         # DataLoader(pin_memory=True) calls this on custom batch types.
-        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+        return self._map(lambda t: t.pin_memory())
 
 
 def collate(items: list[dict], tokenizer) -> Batch:
-    """A Batch of processed items (``image``, ``alt``, ``caption``, ``granularity``, ``id``)."""
+    """A Batch of processed items (``image``, ``alt``, ``caption``, ``granularity``, ``id``, and,
+    when the data makes them, ``globals``, ``locals`` and ``masks`` lists per item)."""
     alts = [item["alt"] for item in items]
     captions = [item["caption"] for item in items]
+    global_crops = local_crops = masks = None
+    if "globals" in items[0]:
+        # [G, B, ...]: crop-major, so crop g of the whole batch is one contiguous slice.
+        global_crops = torch.stack([torch.stack(views) for views in zip(*(i["globals"] for i in items))])
+        if items[0]["locals"]:
+            local_crops = torch.stack([torch.stack(views) for views in zip(*(i["locals"] for i in items))])
+    if "masks" in items[0]:
+        masks = torch.stack([torch.stack(views) for views in zip(*(i["masks"] for i in items))])
+    images = global_crops[0] if global_crops is not None else torch.stack([item["image"] for item in items])
     return Batch(
-        images=torch.stack([item["image"] for item in items]),
+        images=images,
         alt_ids=tokenizer(alts).long(),
         caption_ids=tokenizer(captions).long(),
         ids=[item["id"] for item in items],
+        global_crops=global_crops,
+        local_crops=local_crops,
+        masks=masks,
         captions=captions,
         alt_texts=alts,
         granularities=[item["granularity"] for item in items],

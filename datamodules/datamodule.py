@@ -25,12 +25,13 @@ import lightning as L
 import torch
 
 from tipslab.datamodules.loader import ResumableLoader
+from tipslab.datamodules.masking import BlockMasker
 from tipslab.datamodules.streams import (
     MapBatchStream,
     SampleProcessor,
     ShardBatchStream,
 )
-from tipslab.datamodules.transforms import GlobalCrop, Resize, check_image_size
+from tipslab.datamodules.transforms import MultiCropViews, Resize, check_image_size
 from tipslab.errors import TipslabError
 
 SOURCES = ("scenes", "shards", "manifest")
@@ -44,8 +45,9 @@ DEFAULTS = {
     "num_workers": 0,
     "caption_granularities": ["short", "long"],
     "caption_probs": None,
-    # Not in the experiment defaults (yet); read if present.
-    "crop_scale": [0.32, 1.0],
+    "global_crops": {"count": 1, "scale": [0.32, 1.0]},
+    "local_crops": {"count": 0, "size": 98, "scale": [0.05, 0.32]},
+    "masking": {"enabled": False, "probability": 0.5, "ratio": [0.1, 0.5], "min_block": 4},
     "flip": False,
     "shuffle_buffer": 1000,
 }
@@ -98,10 +100,8 @@ class PretrainDataModule(L.LightningDataModule):
             raise TipslabError(f"data.num_workers={cfg['num_workers']}; expected 0 or more")
         if cfg["source"] in ("shards", "manifest"):
             self._check_path()
-        self.processor = SampleProcessor(
-            GlobalCrop(self.image_size, scale=tuple(cfg["crop_scale"]), flip=bool(cfg["flip"])),
-            cfg["caption_granularities"], cfg["caption_probs"],
-        )
+        self.processor = SampleProcessor(self.views(), cfg["caption_granularities"], cfg["caption_probs"],
+                                         masker=self.masker())
         # Weak: the trainer holds the loader it trains from; loaders others asked for may go.
         self._train_loaders: weakref.WeakSet[ResumableLoader] = weakref.WeakSet()
 
@@ -113,6 +113,30 @@ class PretrainDataModule(L.LightningDataModule):
                                f"set data.path=..., or {TINY_HINT}")
         if isinstance(path, str) and "{" not in path and "://" not in path and not Path(path).exists():
             raise TipslabError(f"data.path={path}: the data path is missing (expected {what}); {TINY_HINT}")
+
+    def views(self) -> MultiCropViews:
+        """The crops of one sample: ``data.global_crops`` and ``data.local_crops`` (DINOv2's multi-crop)."""
+        g = {**DEFAULTS["global_crops"], **dict(self.cfg["global_crops"])}
+        loc = {**DEFAULTS["local_crops"], **dict(self.cfg["local_crops"])}
+        return MultiCropViews(self.image_size, count=int(g["count"]), scale=tuple(g["scale"]),
+                              local_count=int(loc["count"]), local_size=int(loc["size"]),
+                              local_scale=tuple(loc["scale"]), flip=bool(self.cfg["flip"]))
+
+    def masker(self) -> BlockMasker | None:
+        """Block masks for the global crops (``data.masking``), or None when masking is off."""
+        m = {**DEFAULTS["masking"], **dict(self.cfg["masking"])}
+        if not m["enabled"]:
+            return None
+        return BlockMasker(float(m["probability"]), tuple(m["ratio"]), int(m["min_block"]))
+
+    def provides(self) -> frozenset[str]:
+        """What the batches carry beyond images and texts: ``local_crops``, ``masks``."""
+        out = set()
+        if int(dict(self.cfg["local_crops"]).get("count", 0)) > 0:
+            out.add("local_crops")
+        if dict(self.cfg["masking"]).get("enabled", False):
+            out.add("masks")
+        return frozenset(out)
 
     # -- sources ------------------------------------------------------------------------------
     def train_source(self):

@@ -35,7 +35,7 @@ from tipslab.datamodules.batch import Batch, collate
 from tipslab.datamodules.captions import alt_caption, check_probs, sample_caption
 from tipslab.datamodules.sample import CorruptSample
 from tipslab.datamodules.shards import ShardDataset
-from tipslab.datamodules.transforms import mirror_text
+from tipslab.datamodules.transforms import PATCH_SIZE, mirror_text
 from tipslab.errors import TipslabError
 
 log = logging.getLogger(__name__)
@@ -55,14 +55,20 @@ def key_number(key: str) -> int:
 
 
 class SampleProcessor:
-    """One sample + its generator -> the item `collate` takes: image view, alt text, caption."""
+    """One sample + its generator -> the item `collate` takes: views, masks, alt text, caption.
+
+    Draw order (fixed, so a seed fixes everything and one-crop configs keep their old batches):
+    first global crop, alt-text, caption, then the other global crops, the local crops and the
+    block masks of the global crops.
+    """
 
     def __init__(self, view: Callable, granularities: Sequence[str] = ("short", "long"),
-                 probs: Sequence[float] | None = None):
+                 probs: Sequence[float] | None = None, masker=None):
         self.view = view
         self.granularities = tuple(granularities)
         check_probs(self.granularities, probs)  # fail at construction, not in a worker
         self.probs = None if probs is None else [float(p) for p in probs]
+        self.masker = masker
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
         image, flipped = self.view(sample["image"], rng)
@@ -71,7 +77,16 @@ class SampleProcessor:
         granularity, caption = sample_caption(sample["captions"], rng, self.granularities, self.probs, sample_id)
         if flipped:  # the picture was mirrored: so are its words
             alt, caption = mirror_text(alt), mirror_text(caption)
-        return {"image": image, "alt": alt, "caption": caption, "granularity": granularity, "id": sample_id}
+        item = {"image": image, "alt": alt, "caption": caption, "granularity": granularity, "id": sample_id}
+        rest = getattr(self.view, "rest", None)
+        if rest is not None:
+            more, local = rest(sample["image"], rng)
+            item["globals"] = [image, *more]
+            item["locals"] = local
+        if self.masker is not None:
+            grid = (image.shape[-2] // PATCH_SIZE, image.shape[-1] // PATCH_SIZE)
+            item["masks"] = [torch.from_numpy(self.masker(grid, rng)) for _ in item.get("globals", [image])]
+        return item
 
 
 def _worker() -> tuple[int, int]:

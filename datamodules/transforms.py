@@ -1,4 +1,4 @@
-"""Image views for pretraining: the DINOv2-style global crop, driven by a per-sample generator.
+"""Image views for pretraining: DINOv2-style global and local crops, driven by a per-sample generator.
 
 The crop follows torchvision's ``RandomResizedCrop`` (same parameter algorithm, scale
 (0.32, 1.0) as DINOv2's global crops) but draws from the ``numpy.random.Generator`` it is given,
@@ -115,3 +115,34 @@ class Resize:
         pixels = to_tensor(image)
         out = F.resize(pixels, [self.image_size, self.image_size], antialias=True)
         return _as_float(out), False
+
+
+class MultiCropViews:
+    """DINOv2's multi-crop: ``count`` global crops and ``local_count`` local crops of one image.
+
+    ``views(image, rng) -> (globals, locals, flipped)``: lists of float ``[3, S, S]`` and
+    ``[3, s, s]`` tensors, and whether the *first* global crop was flipped (the contrastive view,
+    whose captions follow it). The first global crop is drawn first, so a one-crop config makes
+    the same first view as `GlobalCrop` for the same generator.
+    """
+
+    def __init__(self, image_size: int, count: int = 1, scale=(0.32, 1.0), local_count: int = 0,
+                 local_size: int = 98, local_scale=(0.05, 0.32), flip: bool = False):
+        if int(count) < 1:
+            raise TipslabError(f"data.global_crops.count={count}; expected at least 1")
+        if int(local_count) < 0:
+            raise TipslabError(f"data.local_crops.count={local_count}; expected 0 or more")
+        self.first = GlobalCrop(image_size, scale=scale, flip=flip)
+        self.count, self.local_count = int(count), int(local_count)
+        self.local = (GlobalCrop(check_image_size(local_size, "data.local_crops.size"), scale=local_scale, flip=flip)
+                      if self.local_count else None)
+
+    def __call__(self, image, rng: np.random.Generator):
+        first, flipped = self.first(image, rng)
+        return first, flipped
+
+    def rest(self, image, rng: np.random.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The other global crops and the local crops (drawn after the captions, see streams.py)."""
+        more = [self.first(image, rng)[0] for _ in range(self.count - 1)]
+        local = [self.local(image, rng)[0] for _ in range(self.local_count)]
+        return more, local

@@ -29,9 +29,13 @@ def retrieval_accuracy(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     return (sims.argmax(dim=1) == torch.arange(len(sims), device=sims.device)).float().mean()
 
 
+VIEWS = ("first", "global")
+
+
 @register_component("contrastive")
 class ContrastiveComponent(LossComponent):
-    needs = frozenset({"cls1", "cls2", "text_alt", "text_caption"})
+    """``views``: ``first`` contrasts the first global crop (the one the captions describe) with
+    the texts, as TIPS does; ``global`` contrasts every global crop with them."""
 
     def __init__(
         self,
@@ -40,13 +44,21 @@ class ContrastiveComponent(LossComponent):
         kind: str = "softmax",
         cls1_weight: float = 1.0,
         cls2_weight: float = 1.0,
+        views: str = "first",
     ):
         super().__init__(weight=weight)
         if kind not in ("softmax", "sigmoid"):
             raise TipslabError(f"components.contrastive.kind must be 'softmax' or 'sigmoid', got {kind!r}")
-        self.kind = kind
+        if views not in VIEWS:
+            raise TipslabError(f"components.contrastive.views={views!r}; expected one of {', '.join(VIEWS)}")
+        self.kind, self.views = kind, views
         self.cls1_weight = float(cls1_weight)
         self.cls2_weight = float(cls2_weight)
+        # No text pass (and no CLS) for a pair whose weight is 0.
+        if self.cls1_weight:
+            self.need("student/global/cls1", "text/alt/pooled")
+        if self.cls2_weight:
+            self.need("student/global/cls2", "text/caption/pooled")
         # SigLIP's learned bias, initialised as in its paper (-10); softmax needs none.
         self.logit_bias = nn.Parameter(torch.full((1,), -10.0)) if kind == "sigmoid" else None
         self._loss: nn.Module | None = None
@@ -71,22 +83,21 @@ class ContrastiveComponent(LossComponent):
         return self._loss_fn()(image, text, scale, self.logit_bias.squeeze())
 
     def forward(self, features: Features) -> LossOutput:
-        losses = {}
-        if self.cls1_weight:
-            losses["contrastive_cls1_loss"] = self.cls1_weight * self.pair_loss(
-                features.cls1, features.text_alt, features.logit_scale
-            )
-        if self.cls2_weight:
-            losses["contrastive_cls2_loss"] = self.cls2_weight * self.pair_loss(
-                features.cls2, features.text_caption, features.logit_scale
-            )
-        with torch.no_grad():
-            metrics = {
-                "temperature": torch.exp(-features.logit_scale.detach()).squeeze(),
-                "i2t_acc_cls1": retrieval_accuracy(features.cls1, features.text_alt),
-                "i2t_acc_cls2": retrieval_accuracy(features.cls2, features.text_caption),
-                "chance_acc": torch.tensor(1.0 / max(len(features.cls1), 1), device=features.cls1.device),
-            }
+        losses, metrics = {}, {}
+        for slot, text, weight in (("cls1", "alt", self.cls1_weight), ("cls2", "caption", self.cls2_weight)):
+            if not weight:
+                continue
+            crops = features.by_view(f"student/global/{slot}")  # [G, B, D]
+            texts = features[f"text/{text}/pooled"]
+            if self.views == "first":
+                crops = crops[:1]
+            # One contrastive problem per crop (a repeated text would be its own negative otherwise).
+            loss = sum(self.pair_loss(crop, texts, features.logit_scale) for crop in crops) / len(crops)
+            losses[f"{slot}_loss"] = weight * loss
+            with torch.no_grad():
+                metrics[f"i2t_acc_{slot}"] = retrieval_accuracy(crops[0], texts)
+        metrics["temperature"] = torch.exp(-features.logit_scale.detach()).squeeze()
+        metrics["chance_acc"] = torch.tensor(1.0 / max(features.batch_size, 1))
         return LossOutput(losses=losses, metrics=metrics)
 
 

@@ -115,17 +115,33 @@ def resolve_experiment_path(exp: str) -> Path:
     return candidate
 
 
-def load_config(exp: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The resolved, struct-mode config of experiment `exp` with `key=value` overrides applied."""
-    defaults = OmegaConf.load(experiments_dir() / "defaults.yaml")
-    exp_path = resolve_experiment_path(exp)
+def _experiment_layers(exp_path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
+    """The experiment file and, first, the files it builds on: an experiment may say
+    ``base: <experiment>`` to start from another one (the ablations start from tipsv2_tiny)."""
     try:
         layer = OmegaConf.load(exp_path)
     except OmegaConfBaseException as err:
         raise TipslabError(f"cannot read experiment file {exp_path}: {err}") from err
     if layer is None or not isinstance(layer, DictConfig):
         layer = OmegaConf.create({})
-    _check_keys(defaults, layer, str(exp_path))
+    base = layer.pop("base", None)
+    if base is None:
+        return [(exp_path, layer)]
+    if not isinstance(base, str):
+        raise TipslabError(f"{exp_path}: base must name an experiment, got {base!r}")
+    base_path = resolve_experiment_path(base)
+    if base_path.resolve() in {p.resolve() for p in (*seen, exp_path)}:
+        raise TipslabError(f"{exp_path}: base experiments form a cycle through {base_path}")
+    return [*_experiment_layers(base_path, (*seen, exp_path)), (exp_path, layer)]
+
+
+def load_config(exp: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The resolved, struct-mode config of experiment `exp` with `key=value` overrides applied."""
+    defaults = OmegaConf.load(experiments_dir() / "defaults.yaml")
+    exp_path = resolve_experiment_path(exp)
+    layers = _experiment_layers(exp_path)
+    for path, layer in layers:
+        _check_keys(defaults, layer, str(path))
 
     for item in overrides:
         if "=" not in item:
@@ -138,7 +154,7 @@ def load_config(exp: str, overrides: list[str] | tuple[str, ...] = ()) -> DictCo
 
     OmegaConf.set_struct(defaults, True)
     try:
-        cfg = OmegaConf.merge(defaults, layer, override_layer)
+        cfg = OmegaConf.merge(defaults, *(layer for _, layer in layers), override_layer)
     except (ConfigKeyError, ConfigAttributeError) as err:  # type mismatches and the like
         raise TipslabError(f"bad config value: {err.msg if hasattr(err, 'msg') else err}") from err
     except OmegaConfBaseException as err:

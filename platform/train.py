@@ -105,6 +105,7 @@ def train(cfg: DictConfig) -> TrainResult:
         PointingGameCallback,
         StepThroughput,
     )
+    from tipslab.platform.resources import ResourceUsage
     from tipslab.platform.system import PretrainingSystem
 
     preflight(cfg)
@@ -134,6 +135,7 @@ def train(cfg: DictConfig) -> TrainResult:
         LearningRateMonitor(logging_interval="step"),
         StepThroughput(),
         history,
+        ResourceUsage(),
     ]
     if cfg.tracking.pictures:
         callbacks.append(PicturesCallback(cfg, tokenizer))
@@ -151,7 +153,8 @@ def train(cfg: DictConfig) -> TrainResult:
         strategy=build_strategy(cfg),
         precision=cfg.trainer.precision,
         accumulate_grad_batches=int(cfg.trainer.accumulate_grad_batches),
-        gradient_clip_val=float(cfg.optim.grad_clip) if cfg.trainer.strategy != "fsdp" else None,
+        # Clipping happens in PretrainingSystem.optimizer_step (DTensor-aware, every strategy).
+        gradient_clip_val=None,
         log_every_n_steps=int(cfg.trainer.log_every_n_steps),
         logger=logger,
         callbacks=callbacks,

@@ -14,7 +14,7 @@ from tipslab.modules.contrastive import (
     clip_loss_reference,
     retrieval_accuracy,
 )
-from tipslab.modules.features import Features, LossOutput
+from tipslab.modules.features import Features, LossOutput, key
 
 
 def test_two_pair_clip_loss_matches_hand_computation():
@@ -30,20 +30,43 @@ def test_two_pair_clip_loss_matches_hand_computation():
     assert clip_loss_reference(image, text, scale).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_component_returns_named_terms_for_both_cls_tokens():
+def _features(b=4, d=8, crops=1):
     torch.manual_seed(0)
-    b, d = 4, 8
-    feats = Features(
-        logit_scale=torch.tensor([math.log(1 / 0.07)]),
-        cls1=torch.randn(b, d), cls2=torch.randn(b, d),
-        text_alt=torch.randn(b, d), text_caption=torch.randn(b, d),
-    )
-    out = ContrastiveComponent(embed_dim=d, cls2_weight=0.5)(feats)
-    assert set(out.losses) == {"contrastive_cls1_loss", "contrastive_cls2_loss"}
-    full = ContrastiveComponent(embed_dim=d)(feats)
-    half = out.losses["contrastive_cls2_loss"] / full.losses["contrastive_cls2_loss"]
+    values = {
+        key("student/global/cls1"): torch.randn(crops * b, d), key("student/global/cls2"): torch.randn(crops * b, d),
+        key("text/alt/pooled"): torch.randn(b, d), key("text/caption/pooled"): torch.randn(b, d),
+    }
+    return Features(logit_scale=torch.tensor([math.log(1 / 0.07)]), batch_size=b, num_global=crops, values=values)
+
+
+def test_component_returns_named_terms_for_both_cls_tokens():
+    feats = _features()
+    out = ContrastiveComponent(embed_dim=8, cls2_weight=0.5)(feats)
+    assert set(out.losses) == {"cls1_loss", "cls2_loss"}
+    full = ContrastiveComponent(embed_dim=8)(feats)
+    half = out.losses["cls2_loss"] / full.losses["cls2_loss"]
     assert half.item() == pytest.approx(0.5)
     assert out.metrics["temperature"].item() == pytest.approx(0.07, rel=1e-5)
+
+
+def test_needs_follow_the_weights_no_text_pass_for_a_zero_weight():
+    only_cls1 = ContrastiveComponent(embed_dim=8, cls2_weight=0.0)
+    assert {str(k) for k in only_cls1.needs} == {"student/global/cls1", "text/alt/pooled"}
+    assert set(only_cls1(_features()).losses) == {"cls1_loss"}
+
+
+def test_views_first_uses_the_first_crop_global_averages_every_crop():
+    feats = _features(crops=2)
+    first = ContrastiveComponent(embed_dim=8, cls2_weight=0.0, views="first")(feats).losses["cls1_loss"]
+    both = ContrastiveComponent(embed_dim=8, cls2_weight=0.0, views="global")(feats).losses["cls1_loss"]
+    crops = feats.by_view("student/global/cls1")
+    text = feats["text/alt/pooled"]
+    scale = 1 / 0.07
+    assert first.item() == pytest.approx(clip_loss_reference(crops[0], text, scale).item(), rel=1e-5)
+    mean = (clip_loss_reference(crops[0], text, scale) + clip_loss_reference(crops[1], text, scale)) / 2
+    assert both.item() == pytest.approx(mean.item(), rel=1e-5)
+    with pytest.raises(TipslabError, match="views"):
+        ContrastiveComponent(embed_dim=8, views="local")
 
 
 def test_sigmoid_kind_has_learnable_bias_and_finite_loss():

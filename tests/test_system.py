@@ -30,16 +30,16 @@ def test_warmup_then_cosine_schedule():
 def test_forward_sums_named_terms_of_enabled_components():
     system = _system("components.contrastive.cls2_weight=0.0")
     total, outputs = system(_batch())
-    assert set(outputs["contrastive"].losses) == {"contrastive_cls1_loss"}
-    assert total.item() == pytest.approx(outputs["contrastive"].losses["contrastive_cls1_loss"].item())
+    assert set(outputs["contrastive"].losses) == {"cls1_loss"}
+    assert total.item() == pytest.approx(outputs["contrastive"].losses["cls1_loss"].item())
 
 
 def test_fused_text_pass_equals_two_separate_passes():
     system = _system().eval()
     batch = _batch()
     features = system.compute_features(batch)
-    assert torch.allclose(features.text_alt, system.encoder.encode_text(batch.alt_ids), atol=1e-5)
-    assert torch.allclose(features.text_caption, system.encoder.encode_text(batch.caption_ids), atol=1e-5)
+    assert torch.allclose(features["text/alt/pooled"], system.encoder.encode_text(batch.alt_ids), atol=1e-5)
+    assert torch.allclose(features["text/caption/pooled"], system.encoder.encode_text(batch.caption_ids), atol=1e-5)
 
 
 def test_optimizer_decays_matrices_but_not_norms_tokens_or_temperature():

@@ -26,6 +26,13 @@ TINY = [
 ]
 
 
+# The whole TIPSv2 recipe at test size: multi-crop, masks, DINO, iBOT++, KoLeo, head-only EMA.
+FULL_RECIPE = ["data.global_crops.count=2", "data.local_crops.count=2", "data.local_crops.size=28",
+               "data.masking.enabled=true", "components.koleo.enabled=true",
+               *[f"components.{c}.{k}={v}" for c in ("dino", "ibot") for k, v in
+                 (("enabled", "true"), ("prototypes", 64), ("hidden_dim", 32), ("bottleneck_dim", 16))]]
+
+
 def _tipslab(*args, env_extra=None, timeout=600):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env_extra or {}))
     exe = Path(sys.executable).parent / "tipslab"
@@ -85,8 +92,9 @@ def test_cli_reports_mistyped_key_without_traceback():
 
 def test_fsdp2_on_two_cpu_processes_trains_checkpoints_and_resumes(tmp_path):
     run_dir = tmp_path / "fsdp"
+    # The whole recipe: EMA heads and centres on DTensor shards, gradient clipping across ranks.
     common = [*TINY, f"run_dir={run_dir}", "trainer.strategy=fsdp", "trainer.devices=2",
-              "trainer.accelerator=cpu", "tracking.pictures=false"]
+              "trainer.accelerator=cpu", "tracking.pictures=false", *FULL_RECIPE, "optim.grad_clip=0.5"]
     first = _tipslab("train", "tipsv2_tiny", *common, "trainer.max_steps=3")
     assert first.returncode == 0, first.stderr[-3000:]
     assert (run_dir / "model" / "model.safetensors").is_file()
@@ -95,16 +103,40 @@ def test_fsdp2_on_two_cpu_processes_trains_checkpoints_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
 
 
+def test_fsdp2_full_ema_teacher_and_frozen_distillation_teacher_on_two_processes(tmp_path):
+    """Teachers sharded as inference-only models: a full-EMA tower inside the system, a frozen
+    tower outside it; the frozen one stays out of the checkpoint."""
+    from tipslab.modules.checkpoint import save_checkpoint
+    from tipslab.modules.encoder import build_encoder
+
+    teacher_cfg = {"vision": {"size": "tiny", "img_size": 56}, "text": {"size": "tiny", "context_length": 16},
+                   "tokenizer": {"kind": "bpe", "context_length": 16}}
+    save_checkpoint(build_encoder(teacher_cfg), teacher_cfg, tmp_path / "teacher")
+    run_dir = tmp_path / "fsdp"
+    out = _tipslab("train", "tipsv2_tiny", *TINY, f"run_dir={run_dir}", "trainer.strategy=fsdp", "trainer.devices=2",
+                   "trainer.accelerator=cpu", "tracking.pictures=false", "eval.pointing_game=false", *FULL_RECIPE,
+                   "ema.mode=full", "components.distill.enabled=true", f"distill_teacher.path={tmp_path / 'teacher'}",
+                   "trainer.max_steps=3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (run_dir / "model" / "model.safetensors").is_file()
+    saved = " ".join(p.name for p in (run_dir / "checkpoints" / "last.ckpt").rglob("*"))
+    metadata = (run_dir / "checkpoints" / "last.ckpt" / ".metadata").read_bytes()
+    assert b"teacher_vision" in metadata and b"distill_teacher" not in metadata, saved
+
+
 def _weights(model_dir):
     from safetensors.torch import load_file
 
     return load_file(str(model_dir / "model.safetensors"))
 
 
-def test_run_resumed_from_a_mid_run_checkpoint_ends_with_the_same_weights(tmp_path):
+@pytest.mark.parametrize("recipe", ["contrastive", "full"])
+def test_run_resumed_from_a_mid_run_checkpoint_ends_with_the_same_weights(tmp_path, recipe):
     """As if the run had been killed after step 3: resume from that checkpoint in a new run
-    directory and finish; the weights must match the uninterrupted run's."""
-    common = [*TINY, "tracking.pictures=false", "eval.pointing_game=false", "trainer.max_steps=6"]
+    directory and finish; the weights (EMA heads and centres included) must match the
+    uninterrupted run's."""
+    common = [*TINY, "tracking.pictures=false", "eval.pointing_game=false", "trainer.max_steps=6",
+              *(FULL_RECIPE if recipe == "full" else [])]
     straight = train(load_config("tipsv2_tiny", [*common, f"run_dir={tmp_path / 'a'}"]))
     (step3,) = [p for p in straight.checkpoint_dir.glob("*.ckpt") if "0000003" in p.name]
     resumed = train(load_config("tipsv2_tiny", [*common, f"run_dir={tmp_path / 'b'}", f"checkpoint.resume={step3}"]))
@@ -118,6 +150,14 @@ def test_run_resumed_from_a_mid_run_checkpoint_ends_with_the_same_weights(tmp_pa
     state = torch.load(step3, map_location="cpu", weights_only=True)["state_dict"]
     moved = max((a[k] - state[f"encoder.{k}"]).abs().max().item() for k in a)
     assert moved > 1e-4
+    if recipe == "full":
+        # The teacher heads and centres (not exported with the model) match too.
+        ends = [torch.load(sorted(r.checkpoint_dir.glob("step*.ckpt"))[-1], map_location="cpu",
+                           weights_only=True)["state_dict"] for r in (straight, resumed)]
+        teacher_keys = [k for k in ends[0] if "teacher_head" in k or k.endswith("centering.center")]
+        assert len(teacher_keys) >= 4
+        assert max((ends[0][k] - ends[1][k]).abs().max().item() for k in teacher_keys) < 1e-5
+        assert max((ends[0][k] - state[k]).abs().max().item() for k in teacher_keys) > 0  # they moved
 
 
 def test_training_reads_webdataset_shards(tmp_path):
