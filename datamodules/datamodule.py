@@ -49,6 +49,7 @@ DEFAULTS = {
     "local_crops": {"count": 0, "size": 98, "scale": [0.05, 0.32]},
     "masking": {"enabled": False, "probability": 0.5, "ratio": [0.1, 0.5], "min_block": 4},
     "flip": False,
+    "crop_captions": True,
     "shuffle_buffer": 1000,
 }
 TINY_HINT = "to run the tiny built-in scenes experiment instead: make train EXP=tipsv2_tiny"
@@ -101,7 +102,7 @@ class PretrainDataModule(L.LightningDataModule):
         if cfg["source"] in ("shards", "manifest"):
             self._check_path()
         self.processor = SampleProcessor(self.views(), cfg["caption_granularities"], cfg["caption_probs"],
-                                         masker=self.masker())
+                                         masker=self.masker(), crop_captions=bool(cfg["crop_captions"]))
         # Weak: the trainer holds the loader it trains from; loaders others asked for may go.
         self._train_loaders: weakref.WeakSet[ResumableLoader] = weakref.WeakSet()
 

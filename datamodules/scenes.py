@@ -16,7 +16,7 @@ tiny experiment, the tests and zero-shot segmentation all run offline on the sam
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -149,10 +149,11 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(image, 0, _BACKGROUND_MAX)
 
 
-def position_name(cx: float, cy: float, size: int) -> str:
-    """The 3x3 grid cell of a point: "top left", "top", ..., "center", ..., "bottom right"."""
+def position_name(cx: float, cy: float, size: int, height: int | None = None) -> str:
+    """The 3x3 grid cell of a point in a ``size`` wide (and ``height`` tall, default square)
+    picture: "top left", "top", ..., "center", ..., "bottom right"."""
     col = min(int(3 * cx / size), 2)
-    row = min(int(3 * cy / size), 2)
+    row = min(int(3 * cy / (height or size)), 2)
     vertical = ("top", "", "bottom")[row]
     horizontal = ("left", "", "right")[col]
     return " ".join(part for part in (vertical, horizontal) if part) or "center"
@@ -207,6 +208,42 @@ def _captions(objects: list[SceneObject], centroids: list[tuple[float, float]], 
     if relations:
         long += " " + "; ".join(r[0].upper() + r[1:] if k == 0 else r for k, r in enumerate(relations)) + "."
     return {"alt": alt, "short": short, "long": long}
+
+
+# Share of an object's visible pixels that must lie inside a crop for the crop's captions to name it.
+CROP_VISIBLE_SHARE = 0.5
+EMPTY_CAPTIONS = {"alt": "background", "short": "An empty background.", "long": "An empty dark background."}
+
+
+def captions_in_box(objects: list[SceneObject], box: tuple[int, int, int, int], rng: np.random.Generator) -> dict:
+    """Captions of the crop ``box = (top, left, height, width)`` of a scene: only the objects
+    with at least `CROP_VISIBLE_SHARE` of their visible pixels inside, positions and relations
+    measured in the crop's frame (so a caption never names what the crop does not show)."""
+    top, left, height, width = box
+    inside, centroids = [], []
+    for obj in objects:
+        window = obj.mask[top:top + height, left:left + width]
+        total = int(obj.mask.sum())
+        if total == 0 or window.sum() < CROP_VISIBLE_SHARE * total:
+            continue
+        ys, xs = np.nonzero(window)
+        cx, cy = float(xs.mean()), float(ys.mean())
+        inside.append(replace(obj, position=position_name(cx, cy, width, height)))
+        centroids.append((cx, cy))
+    if not inside:
+        return dict(EMPTY_CAPTIONS)
+    return _captions(inside, centroids, rng)
+
+
+class SceneCropCaptions:
+    """A scene's objects, carried by its sample so the data pipeline can caption each crop
+    (`captions_in_box`); picklable, for data-loader workers."""
+
+    def __init__(self, objects: list[SceneObject]):
+        self.objects = objects
+
+    def __call__(self, box: tuple[int, int, int, int], rng: np.random.Generator) -> dict:
+        return captions_in_box(self.objects, box, rng)
 
 
 # -- one scene --------------------------------------------------------------------------------
@@ -321,4 +358,5 @@ class ScenesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(int(index))
-        return {"image": scene.to_tensor(), "captions": scene.captions, "id": scene.id}
+        return {"image": scene.to_tensor(), "captions": scene.captions, "id": scene.id,
+                "crop_captions": SceneCropCaptions(scene.objects)}

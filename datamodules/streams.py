@@ -63,18 +63,24 @@ class SampleProcessor:
     """
 
     def __init__(self, view: Callable, granularities: Sequence[str] = ("short", "long"),
-                 probs: Sequence[float] | None = None, masker=None):
+                 probs: Sequence[float] | None = None, masker=None, crop_captions: bool = True):
         self.view = view
+        # Caption the crop, not the image, where the sample can (scenes carry `crop_captions`).
+        self.crop_captions = bool(crop_captions)
         self.granularities = tuple(granularities)
         check_probs(self.granularities, probs)  # fail at construction, not in a worker
         self.probs = None if probs is None else [float(p) for p in probs]
         self.masker = masker
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
-        image, flipped = self.view(sample["image"], rng)
+        # A view with `crop` also says which box of the source it shows.
+        image, flipped, *box = (self.view.crop if hasattr(self.view, "crop") else self.view)(sample["image"], rng)
         sample_id = str(sample["id"])
-        alt = alt_caption(sample["captions"], rng, sample_id)
-        granularity, caption = sample_caption(sample["captions"], rng, self.granularities, self.probs, sample_id)
+        captions = sample["captions"]
+        if self.crop_captions and box and sample.get("crop_captions") is not None:
+            captions = sample["crop_captions"](box[0], rng)
+        alt = alt_caption(captions, rng, sample_id)
+        granularity, caption = sample_caption(captions, rng, self.granularities, self.probs, sample_id)
         if flipped:  # the picture was mirrored: so are its words
             alt, caption = mirror_text(alt), mirror_text(caption)
         item = {"image": image, "alt": alt, "caption": caption, "granularity": granularity, "id": sample_id}

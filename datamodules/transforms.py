@@ -96,13 +96,18 @@ class GlobalCrop:
         self.scale, self.ratio, self.flip = tuple(scale), tuple(ratio), bool(flip)
 
     def __call__(self, image, rng: np.random.Generator) -> tuple[torch.Tensor, bool]:
+        view, flipped, _ = self.crop(image, rng)
+        return view, flipped
+
+    def crop(self, image, rng: np.random.Generator) -> tuple[torch.Tensor, bool, tuple[int, int, int, int]]:
+        """``(view, flipped, box)``, ``box = (top, left, height, width)`` in source pixels."""
         pixels = to_tensor(image)
         top, left, h, w = crop_params(pixels.shape[-2], pixels.shape[-1], rng, self.scale, self.ratio)
         out = F.resized_crop(pixels, top, left, h, w, [self.image_size, self.image_size], antialias=True)
         flipped = self.flip and bool(rng.random() < 0.5)
         if flipped:
             out = F.horizontal_flip(out)
-        return _as_float(out), flipped
+        return _as_float(out), flipped, (top, left, h, w)
 
 
 class Resize:
@@ -120,10 +125,11 @@ class Resize:
 class MultiCropViews:
     """DINOv2's multi-crop: ``count`` global crops and ``local_count`` local crops of one image.
 
-    ``views(image, rng) -> (globals, locals, flipped)``: lists of float ``[3, S, S]`` and
-    ``[3, s, s]`` tensors, and whether the *first* global crop was flipped (the contrastive view,
-    whose captions follow it). The first global crop is drawn first, so a one-crop config makes
-    the same first view as `GlobalCrop` for the same generator.
+    ``views(image, rng) -> (first, flipped, box)``: the first global crop (the contrastive view,
+    whose captions follow it: mirrored when it is flipped, and describing its ``box`` when the
+    source knows its objects), then `rest` for the other global crops and the local crops. The
+    first global crop is drawn first, so a one-crop config makes the same first view as
+    `GlobalCrop` for the same generator.
     """
 
     def __init__(self, image_size: int, count: int = 1, scale=(0.32, 1.0), local_count: int = 0,
@@ -137,9 +143,10 @@ class MultiCropViews:
         self.local = (GlobalCrop(check_image_size(local_size, "data.local_crops.size"), scale=local_scale, flip=flip)
                       if self.local_count else None)
 
-    def __call__(self, image, rng: np.random.Generator):
-        first, flipped = self.first(image, rng)
-        return first, flipped
+    def crop(self, image, rng: np.random.Generator):
+        return self.first.crop(image, rng)
+
+    __call__ = crop
 
     def rest(self, image, rng: np.random.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The other global crops and the local crops (drawn after the captions, see streams.py)."""

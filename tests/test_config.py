@@ -61,3 +61,34 @@ def test_value_of_the_wrong_type_names_key_and_expected_type():
         load_config("tipsv2_tiny", ["tracking.pictures=3"])
     # An integer where a number is expected is fine.
     assert load_config("tipsv2_tiny", ["optim.lr=1"]).optim.lr == 1
+
+
+def test_experiment_can_build_on_another_with_base(tmp_path):
+    cfg = load_config("tipsv2_l")
+    assert cfg.experiment == "tipsv2_l" and cfg.model.vision.size == "l"
+    assert cfg.components.ibot.enabled and cfg.data.local_crops.count == 8  # from tipsv2_b
+    (tmp_path / "a.yaml").write_text("base: " + str(tmp_path / "b.yaml") + "\ntrainer: {max_steps: 3}\n")
+    (tmp_path / "b.yaml").write_text("base: " + str(tmp_path / "a.yaml") + "\n")
+    with pytest.raises(TipslabError, match="cycle"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("base: tipsv2_tiny\ntrainer: {max_step: 3}\n")
+    with pytest.raises(TipslabError, match="did you mean 'trainer.max_steps'"):
+        load_config(str(tmp_path / "c.yaml"))
+
+
+def test_every_experiments_components_build_and_accept_its_data():
+    """Each shipped experiment's components construct and their start-up data checks pass
+    (at a small width: the point is the settings, not the size)."""
+    from tipslab.modules.components import build_components
+    from tipslab.platform.system import data_views
+
+    for name in available_experiments():
+        cfg = load_config(name)
+        small = OmegaConf.to_container(cfg.components)
+        for block in (small["dino"], small["ibot"]):  # head sizes do not change what is checked
+            block.update(prototypes=8, hidden_dim=8, bottleneck_dim=4)
+        components = build_components(small, embed_dim=16, distill_dim=32)
+        for component in components.values():
+            component.check_data(data_views(cfg.data))
+        if name.startswith("ablate_") or name == "tipsv2_tiny":
+            assert cfg.trainer.max_steps == load_config("tipsv2_tiny").trainer.max_steps, name  # one budget

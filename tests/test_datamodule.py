@@ -51,7 +51,12 @@ def test_batch_contract():
     assert len(set(batch.ids)) == 4 and all(i.startswith("train/") for i in batch.ids)
     assert set(batch.granularities) <= {"short", "long"} and batch.masks is None
     scenes = ScenesDataset("train", 24, 56, seed=0)
-    for sample_id, alt, caption, granularity in zip(batch.ids, batch.alt_texts, batch.captions, batch.granularities):
+    for sample_id, alt, caption in zip(batch.ids, batch.alt_texts, batch.captions):
+        # Captions of the crop: they name some of the scene's objects (or the background).
+        names = scenes.scene(int(sample_id.split("/")[1])).class_names
+        assert alt == "background" or set(alt.split(", ")) <= set(names)
+    whole = next(iter(loader(caption_probs=[0.5, 0.5], crop_captions=False)))
+    for sample_id, alt, caption, granularity in zip(whole.ids, whole.alt_texts, whole.captions, whole.granularities):
         captions = scenes.scene(int(sample_id.split("/")[1])).captions
         assert alt == captions["alt"] and caption == captions[granularity]
     moved = batch.to("cpu")

@@ -189,3 +189,40 @@ def test_write_scene_folder(tmp_path):
     assert len(manifest) == 4 and manifest[1]["captions"] == dataset.scene(1).captions
     with pytest.raises(TipslabError, match="not empty"):
         write_scene_folder(out, num_images=2, image_size=56)
+
+
+def test_captions_of_a_crop_name_exactly_the_objects_it_shows():
+    import numpy as np
+
+    from tipslab.datamodules.scenes import CROP_VISIBLE_SHARE, ScenesDataset
+    from tipslab.datamodules.streams import SampleProcessor
+    from tipslab.datamodules.transforms import GlobalCrop, crop_params
+
+    dataset = ScenesDataset("train", num_images=40, image_size=112, seed=1)
+    processor = SampleProcessor(GlobalCrop(56, scale=(0.1, 0.6)), ("short",))
+    differs = 0
+    for index in range(len(dataset)):
+        sample, scene = dataset[index], dataset.scene(index)
+        item = processor(sample, np.random.default_rng(index))
+        top, left, h, w = crop_params(112, 112, np.random.default_rng(index), (0.1, 0.6))  # the same draw
+        shown = sorted(o.class_name for o in scene.objects
+                       if o.mask[top:top + h, left:left + w].sum() >= CROP_VISIBLE_SHARE * o.mask.sum())
+        named = [] if item["alt"] == "background" else sorted(item["alt"].split(", "))
+        assert named == shown, (index, item["alt"], shown)
+        for name in scene.class_names:
+            assert (name in item["caption"].lower()) == (name in shown)
+        differs += named != sorted(scene.class_names)
+    assert differs > 5  # the crops do cut objects out, so the check means something
+
+
+def test_crop_captions_can_be_turned_off():
+    import numpy as np
+
+    from tipslab.datamodules.scenes import ScenesDataset
+    from tipslab.datamodules.streams import SampleProcessor
+    from tipslab.datamodules.transforms import GlobalCrop
+
+    sample = ScenesDataset("train", num_images=3, image_size=112, seed=1)[2]
+    item = SampleProcessor(GlobalCrop(56, scale=(0.05, 0.1)), ("short",), crop_captions=False)(
+        sample, np.random.default_rng(0))
+    assert item["alt"] == sample["captions"]["alt"]
