@@ -13,7 +13,8 @@ Layouts `open_seg_folder` recognises (first match wins):
   label 255 (object borders) ignored, 0 is background and a class;
 - plain: `images/` + `masks/` (or `annotations/`), masks matched to images by file stem.
 
-Class names come from `classes.txt` in the folder (one per line, in label order), or are given.
+Class names come from `classes.txt` in the folder (one per line, in label order), or are given;
+without either, ADE20K and VOC folders use the benchmarks' names (`seg_class_names.py`).
 Bad folders fail with one line naming the file: a mask missing or of another size than its image,
 a class-name file whose length does not cover the mask values.
 """
@@ -133,7 +134,10 @@ def open_seg_folder(root: str | Path, *, class_names: list[str] | str | Path | N
         raise TipslabError(f"segmentation folder {root}: not a known layout (expected images/ + annotations/ "
                            "(ADE20K), JPEGImages/ + SegmentationClass/ (VOC), or images/ + masks/)")
     if class_names is None:
-        class_names = root / CLASS_FILE
+        from tipslab.datamodules.seg_class_names import ADE20K_150, VOC_21
+
+        builtin = {"ade20k": ADE20K_150, "voc": VOC_21}.get(layout)
+        class_names = list(builtin) if builtin and not (root / CLASS_FILE).is_file() else root / CLASS_FILE
     if isinstance(class_names, (str, Path)):
         class_names = read_class_names(class_names)
     if limit:

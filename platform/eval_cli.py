@@ -140,7 +140,9 @@ def log_to_mlflow(report, info, files) -> str:
         experiment = client.get_experiment_by_name("tipslab-eval")
         experiment_id = experiment.experiment_id if experiment else client.create_experiment("tipslab-eval")
         run_id = client.create_run(experiment_id).info.run_id
-    step = max((m.step for m in client.get_metric_history(run_id, "train/loss")), default=0)
+    # The run's last step (the end-of-training evaluation's), so the numbers line up with it.
+    step = max((m.step for key in ("train/loss", "eval/pointing_acc_dense")
+                for m in client.get_metric_history(run_id, key)), default=0)
     metrics = [mlflow.entities.Metric(key=k, value=v, timestamp=0, step=step)
                for k, v in report.metrics().items()]
     client.log_batch(run_id, metrics=metrics)

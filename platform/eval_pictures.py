@@ -142,34 +142,59 @@ def query_heatmaps(encoder, tokenizer, scenes, path: str | Path) -> Path:
     return heatmap_grid(images, labels, maps, path)
 
 
+# The evaluation panel shows one headline number per suite (all in %), not every metric.
+HEADLINE_METRICS = {
+    ("zeroshot_seg", "dense", "mIoU"): "zero-shot seg mIoU",
+    ("retrieval", "cls2", "t2i_R1"): "retrieval CLS2 t2i R@1",
+    ("classification", "cls1", "top1"): "zero-shot cls top-1 (CLS1)",
+    ("knn", "cls1", "top1"): "k-NN top-1 (CLS1)",
+    ("regions", "index_Flat", "R5"): "region search R@5 (exact)",
+}
+
+
+def _headline(key: str) -> str | None:
+    """The legend label of a headline metric name (`EvalReport.metrics()` naming), else None."""
+    if key == "eval/pointing_acc_dense":
+        return "pointing game (dense) x100"
+    parts = key.split("/")
+    if len(parts) != 5:
+        return None
+    _, suite, data, variant, metric = parts
+    label = HEADLINE_METRICS.get((suite, variant, metric))
+    return label if label is None or data == "scenes" else f"{label} ({data})"
+
+
 def curves_picture(tracking_uri: str, run_id: str, path: str | Path) -> Path | None:
-    """Training loss and every eval/* metric of an MLflow run against the step; None when the run
-    logged no training loss."""
+    """Training losses and the headline evaluation numbers of an MLflow run against the step;
+    None when the run logged no training loss."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     keys = sorted(client.get_run(run_id).data.metrics)
     loss_keys = [k for k in keys if k.startswith("train/") and "loss" in k]
-    eval_keys = [k for k in keys if k.startswith("eval/")]
+    eval_keys = {k: _headline(k) for k in keys if k.startswith("eval/") and _headline(k)}
     if not loss_keys:
         return None
     plt = _plt()
     panels = 1 + bool(eval_keys)
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 3.8), squeeze=False)
     for key in loss_keys:
         history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-        axes[0, 0].plot([s for s, _ in history], [v for _, v in history], label=key, lw=1.2)
+        axes[0, 0].plot([s for s, _ in history], [v for _, v in history], label=key.removeprefix("train/"), lw=1.2)
     axes[0, 0].set_xlabel("step")
     axes[0, 0].set_title("training losses", fontsize=10)
     axes[0, 0].legend(fontsize=7)
     if eval_keys:
-        for key in eval_keys:
-            history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-            style = "o-" if len(history) > 1 else "o"
-            axes[0, 1].plot([s for s, _ in history], [v for _, v in history], style, label=key, ms=3, lw=1)
-        axes[0, 1].set_xlabel("step")
-        axes[0, 1].set_title("evaluation", fontsize=10)
-        axes[0, 1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        ax = axes[0, 1]
+        for key, label in eval_keys.items():
+            scale = 100.0 if key.startswith("eval/pointing") else 1.0
+            history = sorted((m.step, m.value * scale) for m in client.get_metric_history(run_id, key))
+            ax.plot([s for s, _ in history], [v for _, v in history], "o-", label=label, ms=4, lw=1)
+        ax.set_xlim(axes[0, 0].get_xlim())  # the same steps as the losses: a lone end point sits at the end
+        ax.set_xlabel("step")
+        ax.set_ylabel("%")
+        ax.set_title("evaluation (scenes val)", fontsize=10)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     path = Path(path)
     atomic_write_bytes(path, _figure_bytes(fig))

@@ -3,7 +3,7 @@
 
 1. text: each class name written into the 9 TCL prompt templates, each embedding L2-normalised,
    their mean renormalised;
-2. image: short side resized bicubically to `short_side` (448 for the real benchmarks);
+2. image: short side resized bicubically (PIL) to `short_side` (448 for the real benchmarks);
 3. sliding windows of `window` pixels with `stride` (448 / 336): windows start every `stride`
    pixels and the last one is shifted back to end at the border, so every pixel is covered;
 4. per window: dense value-path patch features (`encode_image(dense=True)`, the MaskCLIP trick),
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -52,12 +53,18 @@ def class_text_embeddings(encoder, tokenizer, class_names: Sequence[str],
 
 
 def short_side_resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """[3, H, W] -> short side `size`, long side int(size * long / short), bicubic (the notebook's)."""
+    """[3, H, W] -> short side `size`, long side int(size * long / short), bicubic on the 8-bit
+    picture with PIL, as the notebook's ShortSideResize does before ToTensor (images come from
+    8-bit files, so the round trip through uint8 loses nothing)."""
+    from PIL import Image
+
     _, h, w = image.shape
     if min(h, w) == size:
         return image
-    new = (int(size * h / w), size) if w < h else (size, int(size * w / h))
-    return F.interpolate(image[None], size=new, mode="bicubic", align_corners=False)[0].clamp(0, 1)
+    new_h, new_w = (int(size * h / w), size) if w < h else (size, int(size * w / h))
+    pixels = image.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+    resized = Image.fromarray(pixels).resize((new_w, new_h), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float().div_(255.0)
 
 
 def window_origins(length: int, window: int, stride: int) -> list[int]:

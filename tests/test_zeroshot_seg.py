@@ -121,6 +121,9 @@ def test_ade20k_layout_ignores_label_zero_and_shifts_the_rest(tmp_path):
     data = open_seg_folder(root, class_names=["wall", "building"])
     _, label = data[0]
     assert label[0, 0] == 255 and label[0, 20] == 0 and label[0, 40] == 1
+    # Without classes.txt: the 150 names the official notebook prompts with.
+    default = open_seg_folder(root)
+    assert len(default.class_names) == 150 and default.class_names[:3] == ["wall", "building", "sky"]
 
 
 def test_voc_layout_keeps_background_and_ignores_255(tmp_path):
