@@ -1,12 +1,11 @@
 """Evaluation during training: every suite of `eval.suites` on a schedule (`eval.every_n_steps`)
 and at the end of training, logged to MLflow as metrics `eval/<suite>/<data>/<variant>/<metric>`;
 at the end also the pictures (PCA, zero-shot segmentation, query heatmaps, loss/metric curves) as
-artifacts under `eval/`.
+artifacts under `eval/`. `evaluate_model` runs under its own seeded RNG, so evaluating mid-run
+leaves the training's random stream, and so its resumability, untouched.
 
 Under FSDP2 the encoder's parameters are shards: `gathered_encoder` gathers the full weights on
-every rank (a collective, so every rank calls it) and rank zero evaluates a plain copy. The
-evaluation runs under its own seeded RNG (`torch.random.fork_rng`), so evaluating mid-run leaves
-the training's random stream, and so its resumability, untouched.
+every rank (a collective, so every rank calls it) and rank zero evaluates a plain copy.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import logging
 from pathlib import Path
 
 import lightning as L
-import torch
 from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
@@ -57,10 +55,9 @@ class EvaluationCallback(L.Callback):
         self._last_step = step
         if trainer.is_global_zero:
             out = Path(self.cfg.run_dir) / "eval" if final else None
-            with torch.random.fork_rng(devices=[]):
-                report = evaluate_model(loaded_for(encoder, self.tokenizer, self.cfg), self.suites,
-                                        settings=self.cfg.eval, out=out, seed=int(self.cfg.seed),
-                                        pictures=final and bool(self.cfg.eval.pictures), log=None)
+            report = evaluate_model(loaded_for(encoder, self.tokenizer, self.cfg), self.suites,
+                                    settings=self.cfg.eval, out=out, seed=int(self.cfg.seed),
+                                    pictures=final and bool(self.cfg.eval.pictures), log=None)
             self.results = report.metrics()
             logger = trainer.logger
             if logger is not None:

@@ -148,7 +148,16 @@ def evaluate_model(model, suites=SUITES, data: dict[str, str] | None = None, *, 
     `data`: {suite: dataset path} ("scenes" or absent: the built-in scenes val split).
     `settings`: overrides of the `eval:` config block (dict or DictConfig).
     `out`: folder for the pictures (and nothing else; `EvalReport.write` writes the table).
+    Runs under its own RNG seeded with `seed`: the same call gives the same table and pictures,
+    and the caller's random stream (a training run's) is left as it was.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _evaluate(model, suites, data, settings=settings, out=out, pictures=pictures, seed=seed,
+                         device=device, log=log)
+
+
+def _evaluate(model, suites, data, *, settings, out, pictures, seed, device, log) -> EvalReport:
     from tipslab.datamodules.seg_folder import ScenesSegmentation, open_seg_folder
     from tipslab.platform import eval_classification as cls
     from tipslab.platform import eval_retrieval as ret
@@ -172,7 +181,6 @@ def evaluate_model(model, suites=SUITES, data: dict[str, str] | None = None, *, 
     pics: dict[str, Path] = {}
     out = Path(out) if out else None
     seg_examples = None
-    torch.manual_seed(seed)
 
     for suite in suites:
         start = time.perf_counter()

@@ -91,3 +91,18 @@ def test_bad_input_is_a_one_line_error(untrained, capsys, args, message):
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_evaluation_is_deterministic_and_leaves_the_global_rng_alone(untrained):
+    import torch
+
+    from tipslab.platform.eval_suites import evaluate_model
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    settings = {"num_scenes": 4, "knn": {"train_scenes": 8}}
+    a = evaluate_model(str(untrained), "all", settings=settings, pictures=False, log=None).table
+    b = evaluate_model(str(untrained), "all", settings=settings, pictures=False, log=None).table
+    assert a.equals(b)
+    assert a.height == 24 and a["value"].is_not_null().all()
+    assert torch.equal(torch.get_rng_state(), before)
