@@ -62,16 +62,19 @@ class EvaluationCallback(L.Callback):
             logger = trainer.logger
             if logger is not None:
                 logger.log_metrics(self.results, step=step)
-                if final and getattr(logger, "run_id", None):
-                    self._log_files(logger, report)
+            if final:
+                self._write_files(logger, report)
             log.info("evaluation at step %d: %s", step, self.results)
         trainer.strategy.barrier()
 
-    def _log_files(self, logger, report) -> None:
+    def _write_files(self, logger, report) -> None:
+        """<run_dir>/eval: the table, the pictures and the curves; all logged when there is a run."""
         from tipslab.platform.eval_pictures import curves_picture
 
         out = Path(self.cfg.run_dir) / "eval"
         files = report.write(out)
+        if logger is None or not getattr(logger, "run_id", None):
+            return
         pictures = dict(report.pictures)
         try:
             curves = curves_picture(logger._tracking_uri, logger.run_id, out / "curves.png")
