@@ -29,8 +29,10 @@ class SegmentationMeter:
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
         # validate_args off: it would reject label values outside [0, C) that are the ignore index.
+        # sync_on_compute off: one process evaluates (rank zero under DDP/FSDP); torchmetrics would
+        # otherwise wait for the other ranks' states inside a distributed run.
         self.metric = MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index,
-                                             validate_args=False)
+                                             validate_args=False, sync_on_compute=False)
         self.pixels = 0
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
