@@ -6,6 +6,10 @@ import numpy as np
 import polars as pl
 import pytest
 from PIL import Image
+from test_official import write_pair
+from test_tokenizers import (
+    sp_model,  # noqa: F401  (fixture: a tiny SentencePiece model trained there)
+)
 
 from tipslab.platform.cli import main
 
@@ -106,3 +110,17 @@ def test_evaluation_is_deterministic_and_leaves_the_global_rng_alone(untrained):
     assert a.equals(b)
     assert a.height == 24 and a["value"].is_not_null().all()
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_eval_runs_on_official_weights(tmp_path, capsys, sp_model):  # noqa: F811
+    import shutil
+
+    folder = tmp_path / "official"
+    folder.mkdir()
+    write_pair(folder, "tiny", grid=4, vocab=200, temperature=0.03, stem="tips_v2_oss_t14")
+    shutil.copy(sp_model, folder / "tokenizer.model")
+    code = main(["eval", str(folder / "tips_v2_oss_t14_vision.npz"), "--suite", "zeroshot_seg,regions",
+                 "--set", "num_scenes=4", "--out", str(tmp_path / "out"), "--no-pictures"])
+    assert code == 0, capsys.readouterr().err
+    table = pl.read_csv(tmp_path / "out" / "eval.csv")
+    assert set(table["suite"]) == {"zeroshot_seg", "regions"}
