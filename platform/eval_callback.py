@@ -42,7 +42,7 @@ class EvaluationCallback(L.Callback):
 
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.suites = parse_suites(list(cfg.eval.suites))
+        self.suites = parse_suites(list(cfg.eval.suites), where="eval.suites")
         self.every = int(cfg.eval.every_n_steps)
         self.results: dict[str, float] = {}
         self._last_step = -1

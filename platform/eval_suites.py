@@ -30,8 +30,9 @@ SUITES = ("zeroshot_seg", "retrieval", "classification", "knn", "regions")
 SCENES = "scenes"
 
 
-def parse_suites(suites) -> list[str]:
-    """"all", a comma-separated string or a list -> known suite names in the given order."""
+def parse_suites(suites, where: str = "--suite") -> list[str]:
+    """"all", a comma-separated string or a list -> known suite names in the given order;
+    `where` names the option or config key in errors."""
     if isinstance(suites, str):
         suites = [s.strip() for s in suites.split(",") if s.strip()]
     suites = list(suites or [])
@@ -39,9 +40,9 @@ def parse_suites(suites) -> list[str]:
         return list(SUITES)
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
-        raise TipslabError(f"--suite {unknown[0]!r}: unknown suite; expected some of {', '.join(SUITES)} (or all)")
+        raise TipslabError(f"{where} {unknown[0]!r}: unknown suite; expected some of {', '.join(SUITES)} (or all)")
     if not suites:
-        raise TipslabError(f"--suite: no suite given; expected some of {', '.join(SUITES)} (or all)")
+        raise TipslabError(f"{where}: no suite given; expected some of {', '.join(SUITES)} (or all)")
     return list(dict.fromkeys(suites))
 
 
@@ -60,9 +61,12 @@ def _settings(overrides):
     base = default_settings()
     if overrides is None:
         return base
-    merged = OmegaConf.merge(base, OmegaConf.create(dict(overrides) if not OmegaConf.is_config(overrides)
-                                                    else OmegaConf.to_container(overrides, resolve=True)))
-    return merged
+    OmegaConf.set_struct(base, True)  # a mistyped setting is an error, not silently ignored
+    given = OmegaConf.to_container(overrides, resolve=True) if OmegaConf.is_config(overrides) else dict(overrides)
+    try:
+        return OmegaConf.merge(base, given)
+    except Exception as err:  # omegaconf's ConfigKeyError / ValidationError
+        raise TipslabError(f"eval settings: {str(err).splitlines()[0]}") from None
 
 
 def as_loaded(model, device=None):
