@@ -24,7 +24,8 @@ def run_demo(runs: Path, query: str, steps: int | None, k: int) -> int:
     from tipslab.platform.train import train
 
     runs = runs.resolve()
-    overrides = [f"run_dir={runs / 'tipsv2_tiny'}"]
+    # Evaluated every 50 steps as well as at the end, so the curves picture shows the numbers move.
+    overrides = [f"run_dir={runs / 'tipsv2_tiny'}", "eval.every_n_steps=50"]
     if steps is not None:
         overrides.append(f"trainer.max_steps={steps}")
     started = time.perf_counter()
@@ -45,11 +46,17 @@ def run_demo(runs: Path, query: str, steps: int | None, k: int) -> int:
     if code:
         return code
 
+    # The run's own end-of-training evaluation (platform/eval_callback.py) is what `tipslab eval
+    # MODEL` computes (same code, same seed): show it rather than compute it twice.
     eval_dir = result.run_dir / "eval"
-    print("\n== 4/4 evaluate: zero-shot segmentation, retrieval, classification, k-NN, region search (scenes val)")
-    code = tipslab(["eval", str(result.model_dir), "--out", str(eval_dir)])
-    if code:
-        return code
+    print("\n== 4/4 evaluation of the run: zero-shot segmentation, retrieval, classification, k-NN, "
+          "region search (scenes val, values and chance in %)")
+    table = eval_dir / "eval.md"
+    if not table.is_file():
+        return tipslab(["eval", str(result.model_dir), "--out", str(eval_dir)])
+    print(table.read_text(), end="")
+    for picture in sorted(eval_dir.glob("*.png")):
+        print(f"picture : {picture}")
 
     db = result.tracking_uri
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
