@@ -72,14 +72,6 @@ def class_folder(root: str | Path, class_file: str | Path | None = None) -> tupl
     return paths, labels, names
 
 
-def read_images(paths, preprocess):
-    from PIL import Image
-
-    for p in paths:
-        with Image.open(p) as image:
-            yield preprocess(image.convert("RGB"))
-
-
 @torch.no_grad()
 def zero_shot_classification(loaded, images, labels: list[int], class_names: list[str], templates) -> dict:
     """Top-1 accuracy (percent) of CLS1 and CLS2 against the class-name embeddings, and chance."""

@@ -80,7 +80,9 @@ def load_karpathy(path: str | Path, split: str = "test", images_root: str | Path
     return paths, texts, torch.tensor(owner)
 
 
-def _read_images(paths: list[Path], preprocess):
+def read_images(paths, preprocess):
+    """Preprocessed tensors of image files, read one at a time (a generator: ImageNet-sized
+    folders never sit in memory)."""
     from PIL import Image
 
     for p in paths:
@@ -117,7 +119,3 @@ def evaluate_retrieval(loaded, images, texts: list[str], owner: torch.Tensor) ->
     out = {name: retrieval_recalls(feats[name] @ text.T, owner) for name in ("cls1", "cls2")}
     out["chance"] = retrieval_chance(owner, len(feats["cls1"]))
     return out
-
-
-def karpathy_images(paths, preprocess):
-    return _read_images(paths, preprocess)

@@ -207,7 +207,7 @@ def _evaluate(model, suites, data, *, settings, out, pictures, seed, device, log
             if suite in data:
                 paths, texts, owner = ret.load_karpathy(data[suite], split=str(cfg.retrieval.split),
                                                         limit=cfg.retrieval.limit)
-                images = ret.karpathy_images(paths, loaded.preprocess)
+                images = ret.read_images(paths, loaded.preprocess)
             else:
                 images, texts, owner = ret.scenes_captions(n, img, seed, tuple(cfg.retrieval.scenes_captions))
             result = ret.evaluate_retrieval(loaded, images, texts, owner)
@@ -216,7 +216,7 @@ def _evaluate(model, suites, data, *, settings, out, pictures, seed, device, log
         elif suite == "classification":
             if suite in data:
                 paths, labels, names = cls.class_folder(data[suite])
-                images = cls.read_images(paths, loaded.preprocess)
+                images = ret.read_images(paths, loaded.preprocess)
             else:
                 from tipslab.datamodules.scenes import scene_class_names
 
@@ -230,8 +230,8 @@ def _evaluate(model, suites, data, *, settings, out, pictures, seed, device, log
                 root = Path(data[suite])
                 tr_paths, tr_labels, names = cls.class_folder(root / "train")
                 te_paths, te_labels, _ = cls.class_folder(root / "val")
-                train_images = cls.read_images(tr_paths, loaded.preprocess)
-                test_images = cls.read_images(te_paths, loaded.preprocess)
+                train_images = ret.read_images(tr_paths, loaded.preprocess)
+                test_images = ret.read_images(te_paths, loaded.preprocess)
             else:
                 from tipslab.datamodules.scenes import scene_class_names
 
