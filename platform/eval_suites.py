@@ -191,7 +191,8 @@ def _evaluate(model, suites, data, *, settings, out, pictures, seed, device, log
         name = Path(data[suite]).name if suite in data else SCENES
         if suite == "zeroshot_seg":
             if suite in data:
-                dataset = open_seg_folder(data[suite], limit=cfg.seg.limit)
+                dataset = open_seg_folder(data[suite], limit=cfg.seg.limit, ignore_index=cfg.seg.ignore_index,
+                                          reduce_zero_label=cfg.seg.reduce_zero_label)
                 short = int(cfg.seg.short_side or img)
             else:
                 dataset = ScenesSegmentation("val", num_images=n, image_size=img, seed=seed)
