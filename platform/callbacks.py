@@ -62,10 +62,13 @@ class PicturesCallback(L.Callback):
         self._log(trainer, path)
 
     def on_train_end(self, trainer, pl_module):
-        if not trainer.is_global_zero or type(pl_module.encoder.logit_scale).__name__ == "DTensor":
-            return  # sharded encoders are pictured after export, from the saved model
         from tipslab.datamodules.scenes import ScenesDataset
+        from tipslab.platform.eval_callback import gathered_encoder
         from tipslab.platform.pictures import heatmap_grid, patch_text_heatmaps
+
+        encoder = gathered_encoder(pl_module)  # every rank: under FSDP2 the gather is a collective
+        if not trainer.is_global_zero:
+            return
 
         data = self.cfg.data
         val = ScenesDataset("val", num_images=max(int(data.num_val), 1), image_size=int(data.image_size),
@@ -73,7 +76,7 @@ class PicturesCallback(L.Callback):
         scenes = [val.scene(i) for i in range(min(self.num_images, len(val)))]
         images = torch.stack([s.to_tensor() for s in scenes]).to(pl_module.device)
         labels = [sorted(set(s.class_names))[:3] for s in scenes]
-        maps = patch_text_heatmaps(pl_module.encoder, self.tokenizer, images, labels)
+        maps = patch_text_heatmaps(encoder, self.tokenizer, images, labels)
         path = heatmap_grid(images, labels, maps, Path(self.cfg.run_dir) / "pictures" / "patch_text_heatmaps.png")
         self._log(trainer, path)
 
@@ -88,16 +91,19 @@ class PointingGameCallback(L.Callback):
         self.results: dict[str, float] = {}
 
     def on_train_end(self, trainer, pl_module):
-        if not trainer.is_global_zero or type(pl_module.encoder.logit_scale).__name__ == "DTensor":
-            return
         from tipslab.datamodules.scenes import ScenesDataset
+        from tipslab.platform.eval_callback import gathered_encoder
         from tipslab.platform.evaluate import pointing_game
+
+        encoder = gathered_encoder(pl_module)  # every rank: under FSDP2 the gather is a collective
+        if not trainer.is_global_zero:
+            return
 
         val = ScenesDataset("val", num_images=int(self.cfg.eval.num_scenes),
                             image_size=int(self.cfg.data.image_size), seed=int(self.cfg.seed))
         scenes = [val.scene(i) for i in range(len(val))]
         for feature, dense in (("dense", True), ("final", False)):
-            result = pointing_game(pl_module.encoder, self.tokenizer, scenes, dense=dense)
+            result = pointing_game(encoder, self.tokenizer, scenes, dense=dense)
             self.results[f"eval/pointing_acc_{feature}"] = result.accuracy
             self.results[f"eval/pointing_any_object_{feature}"] = result.any_object
         self.results["eval/pointing_chance"] = result.chance

@@ -1,4 +1,4 @@
-"""The `tipslab` console script: train, config, experiments, index, search, embed.
+"""The `tipslab` console script: train, config, experiments, index, search, embed, eval.
 
 Bad input (a `TipslabError`) prints one line and exits 2; anything else is a bug and keeps
 its traceback.
@@ -61,12 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     experiments = sub.add_parser("experiments", help="list the experiments")
     experiments.set_defaults(func=_cmd_experiments)
 
-    from tipslab.platform import embed
+    from tipslab.platform import embed, eval_cli
     from tipslab.retrieval import cli as retrieval_cli
 
     retrieval_cli.add_index_parser(sub)
     retrieval_cli.add_search_parser(sub)
     embed.add_parser(sub)
+    eval_cli.add_parser(sub)
     return parser
 
 

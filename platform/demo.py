@@ -1,7 +1,8 @@
 """`make demo`: the whole product end to end on the built-in default, on CPU, in minutes.
 
 Train the tiny experiment on the scenes dataset (tracked in MLflow), index the scenes validation
-split with the trained model, search it for a phrase, write pictures, and say where everything is.
+split with the trained model, search it for a phrase, evaluate the model on every suite of
+`tipslab eval` (table and pictures), and say where everything is.
 Every step goes through the same `tipslab` commands a user types.
 """
 
@@ -23,26 +24,39 @@ def run_demo(runs: Path, query: str, steps: int | None, k: int) -> int:
     from tipslab.platform.train import train
 
     runs = runs.resolve()
-    overrides = [f"run_dir={runs / 'tipsv2_tiny'}"]
+    # Evaluated every 50 steps as well as at the end, so the curves picture shows the numbers move.
+    overrides = [f"run_dir={runs / 'tipsv2_tiny'}", "eval.every_n_steps=50"]
     if steps is not None:
         overrides.append(f"trainer.max_steps={steps}")
     started = time.perf_counter()
 
-    print("== 1/3 train (tipsv2_tiny on the built-in scenes, CPU)")
+    print("== 1/4 train (tipsv2_tiny on the built-in scenes, CPU)")
     result = train(load_config("tipsv2_tiny", overrides))
     print_train_summary(result)
 
     index_dir = runs / "index"
-    print("\n== 2/3 index the scenes validation split")
+    print("\n== 2/4 index the scenes validation split")
     code = tipslab(["index", str(result.model_dir), "scenes:val", "--out", str(index_dir), "--overwrite"])
     if code:
         return code
 
-    print(f"\n== 3/3 search: {query!r}")
+    print(f"\n== 3/4 search: {query!r}")
     pictures = index_dir / "search" / "demo"
     code = tipslab(["search", str(index_dir), query, "--k", str(k), "--out", str(pictures)])
     if code:
         return code
+
+    # The run's own end-of-training evaluation (platform/eval_callback.py) is what `tipslab eval
+    # MODEL` computes (same code, same seed): show it rather than compute it twice.
+    eval_dir = result.run_dir / "eval"
+    print("\n== 4/4 evaluation of the run: zero-shot segmentation, retrieval, classification, k-NN, "
+          "region search (scenes val, values and chance in %)")
+    table = eval_dir / "eval.md"
+    if not table.is_file():
+        return tipslab(["eval", str(result.model_dir), "--out", str(eval_dir)])
+    print(table.read_text(), end="")
+    for picture in sorted(eval_dir.glob("*.png")):
+        print(f"picture : {picture}")
 
     db = result.tracking_uri
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s")
@@ -54,6 +68,8 @@ def run_demo(runs: Path, query: str, steps: int | None, k: int) -> int:
     print(f"               open: .venv/bin/tipslab search {index_dir} \"a blue square\"")
     print(f"  pictures   : {pictures}")
     print(f"               open: xdg-open {pictures / 'hits.png'}")
+    print(f"  evaluation : {eval_dir / 'eval.md'}  (pictures: pca, zeroshot_seg, query_heatmaps, curves .png)")
+    print(f"               again: .venv/bin/tipslab eval {result.model_dir} --suite zeroshot_seg,regions")
     return 0
 
 

@@ -12,13 +12,15 @@ def print_train_summary(result) -> None:
     print()
     print("training finished")
     print(f"  loss (mean of first / last steps): {first} -> {last}")
-    if result.evaluation:
-        ev = result.evaluation
+    ev = result.evaluation or {}
+    if "eval/pointing_acc_dense" in ev:
         print(
             f"  patch-text pointing (scenes val): dense {ev['eval/pointing_acc_dense']:.3f}, "
             f"final {ev['eval/pointing_acc_final']:.3f}, chance {ev['eval/pointing_chance']:.3f} "
             f"(best patch on any object: dense {ev['eval/pointing_any_object_dense']:.3f})"
         )
+    if (result.run_dir / "eval" / "eval.md").is_file() and any(k.count("/") == 4 for k in ev):
+        print(f"  evaluation     : {result.run_dir / 'eval' / 'eval.md'}  (and its pictures; tipslab eval MODEL)")
     print(f"  MLflow run     : {result.experiment_name} / {result.run_id}")
     print(f"                   open: make mlflow-ui  (or: mlflow ui --backend-store-uri {shlex.quote(db)})")
     print(f"  checkpoints    : {result.checkpoint_dir}  (resume: checkpoint.resume=last)")

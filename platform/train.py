@@ -142,6 +142,12 @@ def train(cfg: DictConfig) -> TrainResult:
     pointing = PointingGameCallback(cfg, tokenizer) if cfg.eval.pointing_game else None
     if pointing is not None:
         callbacks.append(pointing)
+    evaluation = None
+    if cfg.eval.suites:  # the evaluation suites on a schedule and at the end (platform/eval_callback.py)
+        from tipslab.platform.eval_callback import EvaluationCallback
+
+        evaluation = EvaluationCallback(cfg, tokenizer)
+        callbacks.append(evaluation)
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
 
@@ -182,7 +188,8 @@ def train(cfg: DictConfig) -> TrainResult:
         run_id=logger.run_id,
         first_loss=history.first,
         last_loss=history.last,
-        evaluation=dict(pointing.results) if pointing is not None else {},
+        evaluation={**(pointing.results if pointing is not None else {}),
+                    **(evaluation.results if evaluation is not None else {})},
     )
 
 

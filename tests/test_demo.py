@@ -24,6 +24,12 @@ def test_demo_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     for word in ("MLflow run", "checkpoint", "index", "pictures", "make mlflow-ui"):
         assert word in out.stdout
+    # It ends with the run's evaluation table (every suite) and its pictures.
+    for suite in ("zeroshot_seg", "retrieval", "classification", "knn", "regions"):
+        assert f"| {suite}" in out.stdout
+    eval_dir = runs / "tipsv2_tiny" / "eval"
+    for name in ("eval.md", "eval.csv", "pca.png", "zeroshot_seg.png", "query_heatmaps.png", "curves.png"):
+        assert (eval_dir / name).is_file(), name
 
     # The run is in the default store, with its params and a loss that went down.
     mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")

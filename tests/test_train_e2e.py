@@ -99,6 +99,8 @@ def test_fsdp2_on_two_cpu_processes_trains_checkpoints_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert (run_dir / "model" / "model.safetensors").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    # The end-of-run evaluation gathered the shards instead of skipping the sharded encoder.
+    assert "| zeroshot_seg" in (run_dir / "eval" / "eval.md").read_text()
     second = _tipslab("train", "tipsv2_tiny", *common, "trainer.max_steps=5", "checkpoint.resume=last")
     assert second.returncode == 0, second.stderr[-3000:]
 
