@@ -159,20 +159,28 @@ def normal_key(size: int = 96) -> np.ndarray:
 
 
 def render_seg(image: np.ndarray, labels: np.ndarray, names: list[str]) -> bytes:
-    """Image | classes blended over it | legend (colour, name, share of the image), largest first."""
+    """Image | classes blended over it | legend (colour, name, share of the image), largest first.
+
+    A class named "background" is left uncoloured (the image, dimmed), so the objects stand out;
+    classes under 0.5% of the image are counted under the legend instead of listed."""
     from matplotlib.patches import Patch
 
     from tipslab.modules.dense_labels import palette
 
-    colours = palette(len(names))
-    plt, fig, axes = _figure(3, image, widths=[1, 1, 0.55])
-    blended = (0.4 * image + 0.6 * colours[labels.astype(np.int64)]).astype(np.uint8)
-    axes[1].imshow(blended)
+    colours = palette(len(names)).astype(np.float64)
+    plt, fig, axes = _figure(3, image, widths=[1, 1, 0.6])
+    ids = labels.astype(np.int64)
+    blended = 0.4 * image + 0.6 * colours[ids]
+    background = np.isin(ids, [i for i, n in enumerate(names) if n == "background"])
+    blended[background] = 0.55 * image[background]
+    axes[1].imshow(blended.clip(0, 255).astype(np.uint8))
     axes[1].set_title("segmentation")
-    ids, counts = np.unique(labels, return_counts=True)
-    order = np.argsort(-counts)[:MAX_LEGEND]
-    handles = [Patch(facecolor=colours[ids[i]] / 255.0, edgecolor="black",
-                     label=f"{names[ids[i]]} ({100 * counts[i] / labels.size:.0f}%)") for i in order]
+    found, counts = np.unique(labels, return_counts=True)
+    order = [i for i in np.argsort(-counts) if counts[i] >= 0.005 * labels.size][:MAX_LEGEND]
+    handles = [Patch(facecolor=(0.3, 0.3, 0.3) if names[found[i]] == "background" else colours[found[i]] / 255.0,
+                     edgecolor="black", label=f"{names[found[i]]} ({100 * counts[i] / labels.size:.0f}%)")
+               for i in order]
+    rest = len(found) - len(order)
     axes[2].legend(handles=handles, loc="center left", frameon=False, fontsize=9,
-                   title=f"{len(ids)} classes" + (f" (top {MAX_LEGEND})" if len(ids) > MAX_LEGEND else ""))
+                   title=f"{len(found)} classes" + (f"\n({rest} under 0.5% not listed)" if rest else ""))
     return _png(plt, fig)
