@@ -7,7 +7,10 @@ over a dark, noisy gradient. It comes with
   every object) and ``long`` (every object with size, texture, colour and position, plus
   spatial relations), the three granularities TIPSv2 trains on;
 - ground truth per object: class name (colour + shape, e.g. "red circle"; the vocabulary is
-  `scene_class_names()`), visible binary mask and box.
+  `scene_class_names()`), visible binary mask and box;
+- a depth map in metres (`Scene.depth`): the background is a receding wall (far at the top,
+  nearer at the bottom) and each object is a flat card in front of it, nearer the later it was
+  drawn, so depth agrees with occlusion; `segmentation_labels` gives the index mask.
 
 Everything follows from ``(seed, index)``: nothing is stored and nothing is downloaded, so the
 tiny experiment, the tests and zero-shot segmentation all run offline on the same data.
@@ -72,6 +75,7 @@ class Scene:
     captions: dict[str, str]  # {"alt", "short", "long"}
     id: str
     class_names: list[str] = field(default_factory=list)  # of the objects, in drawing order
+    depth: np.ndarray | None = None  # float32 [H, W] metres (see `scene_depth`)
 
     def to_tensor(self) -> torch.Tensor:
         """The image as float [3, H, W] in [0, 1] (the contract's pixel format, no mean/std)."""
@@ -317,7 +321,71 @@ def generate_scene(seed: int, index: int, image_size: int = 112, id: str | None 
         captions=captions,
         id=id if id is not None else f"{seed}/{index:06d}",
         class_names=[o.class_name for o in objects],
+        depth=scene_depth(full_masks, size),
     )
+
+
+# -- dense ground truth ----------------------------------------------------------------------
+
+# Background wall from BACKGROUND_DEPTH[0] m (top row) to [1] m (bottom row); object k (0-based
+# drawing order) at OBJECT_DEPTHS[k] m. Inside the official depth decoders' range [0.001, 10].
+BACKGROUND_DEPTH = (9.0, 6.0)
+OBJECT_DEPTHS = (4.5, 3.5, 2.5, 1.5)
+
+
+def scene_depth(full_masks: list[np.ndarray], size: int) -> np.ndarray:
+    """Depth in metres: painted back to front like the image, so a later object covers (and is
+    nearer than) an earlier one. Uses no random numbers: the images stay those of before."""
+    rows = np.linspace(BACKGROUND_DEPTH[0], BACKGROUND_DEPTH[1], size, dtype=np.float32)
+    depth = np.repeat(rows[:, None], size, axis=1)
+    for k, mask in enumerate(full_masks):
+        depth[mask] = OBJECT_DEPTHS[min(k, len(OBJECT_DEPTHS) - 1)]
+    return depth
+
+
+def depth_normals(depth: np.ndarray, focal: float | None = None) -> np.ndarray:
+    """float32 [H, W, 3] unit surface normals of a depth map (x right, y up, z towards the camera).
+
+    A pinhole camera of focal length `focal` pixels (default: the image side, a ~53 degree view)
+    sees pixel (u, v) at depth z as the point (u z / f, v z / f, z); the normal is the cross
+    product of that surface's image-space tangents, from central differences. Depth steps at
+    object edges give sideways normals along a one-pixel rim, as a real sensor's would."""
+    h, w = depth.shape
+    f = float(focal or max(h, w))
+    v, u = np.mgrid[0:h, 0:w].astype(np.float32)
+    u, v = (u - (w - 1) / 2) / f, (v - (h - 1) / 2) / f
+    points = np.stack([u * depth, v * depth, depth], -1)
+    du = np.gradient(points, axis=1)
+    dv = np.gradient(points, axis=0)
+    normals = np.cross(dv, du)  # image y grows downwards: this order points the normal at the camera
+    normals /= np.linalg.norm(normals, axis=-1, keepdims=True).clip(1e-8)
+    normals[..., 1] *= -1  # report y up, as normal maps are drawn
+    normals[..., 2] *= -1  # and z towards the camera
+    return normals.astype(np.float32)
+
+
+def segmentation_labels(scene: Scene, labels: str = "class") -> np.ndarray:
+    """uint8 [H, W] index mask: 0 is background, objects are 1 + their index in the vocabulary.
+
+    `labels`: "class" (the 49 "colour shape" classes, `scene_class_names()`), "shape" (7) or
+    "colour" (7). `segmentation_classes(labels)` lists the names, background first."""
+    vocab = segmentation_classes(labels)
+    out = np.zeros(scene.image.shape[:2], dtype=np.uint8)
+    for obj in scene.objects:
+        name = {"class": obj.class_name, "shape": obj.shape, "colour": obj.colour}[labels]
+        out[obj.mask] = vocab.index(name)
+    return out
+
+
+def segmentation_classes(labels: str = "class") -> list[str]:
+    """Names of the label ids of `segmentation_labels`, id 0 = "background"."""
+    if labels == "class":
+        return ["background", *scene_class_names()]
+    if labels == "shape":
+        return ["background", *SHAPES]
+    if labels == "colour":
+        return ["background", *COLOURS]
+    raise TipslabError(f"scenes: unknown label kind {labels!r}; expected class, shape or colour")
 
 
 # -- the dataset ------------------------------------------------------------------------------

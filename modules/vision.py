@@ -18,6 +18,7 @@ Token order inside the tower is timm's `[CLS1, register (= CLS2), patches]`, the
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -197,3 +198,61 @@ class VisionTower(nn.Module):
         x = x + last.drop_path1(last.ls1(attn.proj(attn.norm(v))))
         x = x + last.drop_path2(last.ls2(last.mlp(last.norm2(x))))
         return self._split(x, grid)
+
+    # -- intermediate layers (dense probes, DPT decoders) -----------------------------------
+    def intermediate_layers(self, images: torch.Tensor, layers: Sequence[int] | None = None,
+                            norm: bool = True) -> list[VisionOutput]:
+        """Outputs of chosen blocks, as the official `get_intermediate_layers` (with explicit indices).
+
+        `layers`: 0-based block indices (default: `default_dense_layers(depth)`, the four blocks
+        the official DPT decoders read). `norm=True` passes each block's tokens through the final
+        norm (the official decoders are fed normed tokens); `norm=False` gives the raw residual
+        stream. The blocks run once, up to the deepest one asked for.
+        """
+        depth = len(self.vit.blocks)
+        layers = list(default_dense_layers(depth) if layers is None else layers)
+        if not layers or any(not 0 <= int(i) < depth for i in layers):
+            raise TipslabError(f"intermediate layers {layers} must be block indices in [0, {depth}) for this "
+                               f"{depth}-block vision tower")
+        wanted = {int(i) for i in layers}
+        x, grid = self.tokens(images)
+        taken: dict[int, torch.Tensor] = {}
+        for index, block in enumerate(self.vit.blocks):
+            if index > max(wanted):
+                break
+            x = block(x)
+            if index in wanted:
+                taken[index] = x
+        outputs = []
+        for index in layers:
+            tokens = self.vit.norm(taken[int(index)]) if norm else taken[int(index)]
+            outputs.append(VisionOutput(cls1=tokens[:, 0], cls2=tokens[:, 1], patches=tokens[:, 2:], grid=grid))
+        return outputs
+
+
+# The four blocks the official DPT decoders read (TIPS_decoder_inference.ipynb), by depth:
+# B [2, 5, 8, 11], L [5, 11, 17, 23], So400m [6, 13, 20, 26], g [9, 19, 29, 39].
+OFFICIAL_DENSE_LAYERS: dict[int, tuple[int, ...]] = {
+    12: (2, 5, 8, 11), 24: (5, 11, 17, 23), 27: (6, 13, 20, 26), 40: (9, 19, 29, 39),
+}
+
+
+def default_dense_layers(depth: int) -> tuple[int, ...]:
+    """The last block of each quarter of the tower: ceil(depth * k / 4) - 1 for k = 1..4.
+
+    This rule reproduces every official table entry (tests check it), so sizes without an
+    official decoder (tiny: [0, 1, 2, 3]) get the same spacing."""
+    depth = int(depth)
+    if depth < 4:
+        raise TipslabError(f"a DPT decoder reads 4 blocks; this vision tower has only {depth}")
+    return tuple(-(-depth * k // 4) - 1 for k in range(1, 5))
+
+
+def dpt_inputs(outputs: list[VisionOutput]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer `(cls1 [B, D], patch map [B, D, h, w])`: the decoders' input (official order)."""
+    pairs = []
+    for out in outputs:
+        b, n, d = out.patches.shape
+        h, w = out.grid
+        pairs.append((out.cls1, out.patches.transpose(1, 2).reshape(b, d, h, w)))
+    return pairs

@@ -1,4 +1,4 @@
-"""The `tipslab` console script: train, config, experiments, index, search, embed, eval.
+"""The `tipslab` console script: train, config, experiments, index, search, embed, eval, probe, predict.
 
 Bad input (a `TipslabError`) prints one line and exits 2; anything else is a bug and keeps
 its traceback.
@@ -24,6 +24,19 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_probe(args) -> int:
+    from tipslab.platform.config import load_config
+    from tipslab.platform.probe_train import train_probe
+
+    cfg = load_config(args.experiment, args.overrides, defaults="defaults_probe")
+    result = train_probe(cfg)
+    print(f"probe {cfg.experiment}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
+    print(f"  run dir: {result.run_dir}" + (f"  (MLflow run {result.run_id})" if result.run_id else ""))
+    if (result.run_dir / "decoder.npz").exists():
+        print(f"  decoder: {result.run_dir / 'decoder.npz'} (tipslab predict MODEL --decoder ...)")
+    return 0
+
+
 def _cmd_config(args) -> int:
     from omegaconf import OmegaConf
 
@@ -38,6 +51,9 @@ def _cmd_experiments(args) -> int:
 
     print(f"experiments in {experiments_dir()}:")
     for name in available_experiments():
+        print(f"  {name}")
+    print("dense probes (tipslab probe):")
+    for name in available_experiments("defaults_probe"):
         print(f"  {name}")
     return 0
 
@@ -58,16 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*")
     config.set_defaults(func=_cmd_config)
 
+    probe = sub.add_parser("probe", help="train a dense probe / DPT head on a frozen encoder (experiments/probe_*.yaml)")
+    probe.add_argument("experiment", help="probe experiment (e.g. probe_seg_scenes) or a .yaml path")
+    probe.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. encoder.path=runs/x/model)")
+    probe.set_defaults(func=_cmd_probe)
+
     experiments = sub.add_parser("experiments", help="list the experiments")
     experiments.set_defaults(func=_cmd_experiments)
 
-    from tipslab.platform import embed, eval_cli
+    from tipslab.platform import embed, eval_cli, predict
     from tipslab.retrieval import cli as retrieval_cli
 
     retrieval_cli.add_index_parser(sub)
     retrieval_cli.add_search_parser(sub)
     embed.add_parser(sub)
     eval_cli.add_parser(sub)
+    predict.add_parser(sub)
     return parser
 
 

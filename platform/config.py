@@ -25,8 +25,15 @@ def experiments_dir() -> Path:
     return Path(list(tipslab.experiments.__path__)[0])
 
 
-def available_experiments() -> list[str]:
-    return sorted(p.stem for p in experiments_dir().glob("*.yaml") if p.stem != "defaults")
+PROBE_PREFIX = "probe_"  # experiments over defaults_probe.yaml (dense probes) are named probe_*
+
+
+def available_experiments(defaults: str = "defaults") -> list[str]:
+    """Experiment names of one key set: pretraining (`defaults`) or dense probes (`defaults_probe`)."""
+    # defaults*.yaml are the key sets, not experiments.
+    names = [p.stem for p in experiments_dir().glob("*.yaml") if not p.stem.startswith("defaults")]
+    probes = defaults == "defaults_probe"
+    return sorted(n for n in names if n.startswith(PROBE_PREFIX) == probes)
 
 
 def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -98,7 +105,7 @@ def _check_types(defaults: DictConfig, cfg: DictConfig, where: str) -> None:
             )
 
 
-def resolve_experiment_path(exp: str) -> Path:
+def resolve_experiment_path(exp: str, defaults: str = "defaults") -> Path:
     path = Path(exp)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
@@ -106,7 +113,7 @@ def resolve_experiment_path(exp: str) -> Path:
         return path
     candidate = experiments_dir() / f"{exp}.yaml"
     if not candidate.is_file():
-        names = available_experiments()
+        names = available_experiments(defaults)
         close = difflib.get_close_matches(exp, names, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise TipslabError(
@@ -115,7 +122,8 @@ def resolve_experiment_path(exp: str) -> Path:
     return candidate
 
 
-def _experiment_layers(exp_path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
+def _experiment_layers(exp_path: Path, defaults: str = "defaults",
+                       seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
     """The experiment file and, first, the files it builds on: an experiment may say
     ``base: <experiment>`` to start from another one (the ablations start from tipsv2_tiny)."""
     try:
@@ -129,17 +137,20 @@ def _experiment_layers(exp_path: Path, seen: tuple[Path, ...] = ()) -> list[tupl
         return [(exp_path, layer)]
     if not isinstance(base, str):
         raise TipslabError(f"{exp_path}: base must name an experiment, got {base!r}")
-    base_path = resolve_experiment_path(base)
+    base_path = resolve_experiment_path(base, defaults)
     if base_path.resolve() in {p.resolve() for p in (*seen, exp_path)}:
         raise TipslabError(f"{exp_path}: base experiments form a cycle through {base_path}")
-    return [*_experiment_layers(base_path, (*seen, exp_path)), (exp_path, layer)]
+    return [*_experiment_layers(base_path, defaults, (*seen, exp_path)), (exp_path, layer)]
 
 
-def load_config(exp: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The resolved, struct-mode config of experiment `exp` with `key=value` overrides applied."""
-    defaults = OmegaConf.load(experiments_dir() / "defaults.yaml")
-    exp_path = resolve_experiment_path(exp)
-    layers = _experiment_layers(exp_path)
+def load_config(exp: str, overrides: list[str] | tuple[str, ...] = (), defaults: str = "defaults") -> DictConfig:
+    """The resolved, struct-mode config of experiment `exp` with `key=value` overrides applied.
+
+    `defaults` names the key set in experiments/ (`defaults`: pretraining; `defaults_probe`:
+    dense probes, `tipslab probe`)."""
+    exp_path = resolve_experiment_path(exp, defaults)
+    layers = _experiment_layers(exp_path, defaults)
+    defaults = OmegaConf.load(experiments_dir() / f"{defaults}.yaml")
     for path, layer in layers:
         _check_keys(defaults, layer, str(path))
 

@@ -27,6 +27,10 @@ import torch
 from tipslab.errors import TipslabError
 
 SUITES = ("zeroshot_seg", "retrieval", "classification", "knn", "regions")
+# Dense probes (platform/probe_suites.py): they *train* a head for `eval.probes.steps` steps, so
+# they run when named, not as part of "all".
+PROBE_SUITES = ("linear_seg", "depth")
+KNOWN = SUITES + PROBE_SUITES
 SCENES = "scenes"
 
 
@@ -38,11 +42,11 @@ def parse_suites(suites, where: str = "--suite") -> list[str]:
     suites = list(suites or [])
     if suites == ["all"]:
         return list(SUITES)
-    unknown = [s for s in suites if s not in SUITES]
+    unknown = [s for s in suites if s not in KNOWN]
     if unknown:
-        raise TipslabError(f"{where} {unknown[0]!r}: unknown suite; expected some of {', '.join(SUITES)} (or all)")
+        raise TipslabError(f"{where} {unknown[0]!r}: unknown suite; expected some of {', '.join(KNOWN)} (or all)")
     if not suites:
-        raise TipslabError(f"{where}: no suite given; expected some of {', '.join(SUITES)} (or all)")
+        raise TipslabError(f"{where}: no suite given; expected some of {', '.join(KNOWN)} (or all)")
     return list(dict.fromkeys(suites))
 
 
@@ -170,9 +174,9 @@ def _evaluate(model, suites, data, *, settings, out, pictures, seed, device, log
 
     suites = parse_suites(suites)
     data = {k: v for k, v in (data or {}).items() if v not in (None, "", SCENES)}
-    unknown = [k for k in data if k not in SUITES]
+    unknown = [k for k in data if k not in KNOWN]
     if unknown:
-        raise TipslabError(f"--data {unknown[0]}=...: unknown suite; expected one of {', '.join(SUITES)}")
+        raise TipslabError(f"--data {unknown[0]}=...: unknown suite; expected one of {', '.join(KNOWN)}")
     if "regions" in data:
         raise TipslabError("--data regions=...: region retrieval runs on the scenes (it needs object boxes)")
     cfg = _settings(settings)
@@ -248,6 +252,21 @@ def _evaluate(model, suites, data, *, settings, out, pictures, seed, device, log
                                       factories=tuple(cfg.regions.factories), ks=tuple(cfg.regions.ks))
             for factory in cfg.regions.factories:
                 rows += _rows(suite, name, f"index {factory}", result[factory], result["chance"])
+        elif suite in PROBE_SUITES:
+            from tipslab.platform.probe_suites import depth_suite, linear_seg_suite
+
+            run = linear_seg_suite if suite == "linear_seg" else depth_suite
+            where = {}
+            if suite in data:  # a VOC / ADE20K folder for linear_seg, an NYU-style folder for depth
+                where = {"data_source": "seg_folder" if suite == "linear_seg" else "depth_folder",
+                         "data_path": str(data[suite])}
+            result = run(loaded, steps=int(cfg.probes.steps), seed=seed, **where)
+            # Shares in % as the other rows; depth errors keep their units (metres, a ratio).
+            names = {"miou": ("mIoU", 100.0), "pixel_acc": ("pixel_acc", 100.0), "delta1": ("delta1", 100.0),
+                     "rmse": ("RMSE_m", 1.0), "abs_rel": ("AbsRel", 1.0)}
+            metrics = {names[key.split("/", 1)[1]][0]: value * names[key.split("/", 1)[1]][1]
+                       for key, value in result.items()}
+            rows += _rows(suite, name, "linear probe", metrics, None)
         seconds[suite] = time.perf_counter() - start
         if log:
             log(f"eval {suite} on {name}: {seconds[suite]:.1f} s")

@@ -124,3 +124,21 @@ def test_eval_runs_on_official_weights(tmp_path, capsys, sp_model):  # noqa: F81
     assert code == 0, capsys.readouterr().err
     table = pl.read_csv(tmp_path / "out" / "eval.csv")
     assert set(table["suite"]) == {"zeroshot_seg", "regions"}
+
+
+def test_probe_suites_run_through_tipslab_eval_when_named(tmp_path):
+    """linear_seg and depth are known suites (not part of "all"), reported in the same table."""
+    from tipslab.modules.checkpoint import save_checkpoint
+    from tipslab.modules.encoder import build_encoder
+    from tipslab.platform.eval_suites import PROBE_SUITES, evaluate_model, parse_suites
+
+    assert not set(PROBE_SUITES) & set(parse_suites("all"))
+    assert parse_suites("linear_seg,depth") == ["linear_seg", "depth"]
+    cfg = {"vision": {"size": "tiny", "img_size": 56}, "text": {"size": "tiny", "context_length": 16},
+           "tokenizer": {"kind": "bpe", "context_length": 16}}
+    save_checkpoint(build_encoder(cfg), cfg, tmp_path / "m")
+    report = evaluate_model(tmp_path / "m", suites=["linear_seg", "depth"], settings={"probes": {"steps": 3},
+                                                                                    "num_scenes": 8},
+                            pictures=False, log=None)
+    assert 0.0 <= report.value("linear_seg", "mIoU") <= 100.0
+    assert report.value("depth", "RMSE_m") > 0 and 0.0 <= report.value("depth", "delta1") <= 100.0

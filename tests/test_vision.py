@@ -163,3 +163,42 @@ def test_unmasked_training_step_gives_mask_token_a_zero_gradient():
     out.patches.sum().backward()
     assert model.mask_token.grad is not None and model.mask_token.grad.abs().max() == 0
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_intermediate_layers_as_the_official_get_intermediate_layers(tower):
+    from tipslab.modules.vision import dpt_inputs
+
+    images = torch.rand(2, 3, 70, 42)
+    with torch.no_grad():
+        final = tower(images)
+        normed = tower.intermediate_layers(images, [1, 3])
+        raw = tower.intermediate_layers(images, [3, 1], norm=False)
+        # by hand: the blocks one by one from the same input tokens
+        x, _ = tower.tokens(images)
+        by_hand = []
+        for block in tower.vit.blocks:
+            x = block(x)
+            by_hand.append(x)
+    assert [o.grid for o in normed] == [(5, 3), (5, 3)]
+    # the last block through the final norm is the ordinary output
+    torch.testing.assert_close(normed[1].patches, final.patches)
+    torch.testing.assert_close(normed[1].cls1, final.cls1)
+    torch.testing.assert_close(normed[1].cls2, final.cls2)
+    torch.testing.assert_close(raw[1].patches, by_hand[1][:, 2:])  # order as asked, raw residual stream
+    torch.testing.assert_close(tower.vit.norm(raw[0].patches), final.patches)
+    torch.testing.assert_close(normed[0].cls1, tower.vit.norm(by_hand[1])[:, 0])
+    assert (normed[0].patches - final.patches).abs().max() > 1e-3
+    cls, patch_map = dpt_inputs(normed)[0]
+    assert patch_map.shape == (2, 192, 5, 3)
+    torch.testing.assert_close(patch_map[:, :, 4, 1], normed[0].patches[:, 4 * 3 + 1])  # row-major patches
+    with pytest.raises(TipslabError, match=r"block indices in \[0, 4\)"):
+        tower.intermediate_layers(images, [4])
+
+
+def test_default_dense_layers_reproduce_the_official_tables():
+    from tipslab.modules.vision import OFFICIAL_DENSE_LAYERS, default_dense_layers
+
+    for depth, layers in OFFICIAL_DENSE_LAYERS.items():
+        assert default_dense_layers(depth) == layers
+    assert {VISION_SIZES[s]["depth"] for s in ("b", "l", "so400m", "g")} == set(OFFICIAL_DENSE_LAYERS)
+    assert default_dense_layers(VISION_SIZES["tiny"]["depth"]) == (0, 1, 2, 3)
