@@ -23,6 +23,25 @@ def default_tracking_uri(cfg: DictConfig) -> str:
     return cfg.tracking.tracking_uri or f"sqlite:///{runs_root(cfg) / 'mlflow.db'}"
 
 
+def prepare_store(uri: str) -> None:
+    """Create an sqlite store's tables under a file lock: two runs starting together against a
+    new database otherwise both try to create them and one dies ("table metrics already exists")."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    import mlflow
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates / migrates the tables
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def build_logger(cfg: DictConfig, resume: bool = False):
     from lightning.pytorch.loggers import MLFlowLogger
 
@@ -31,6 +50,7 @@ def build_logger(cfg: DictConfig, resume: bool = False):
     if resume and id_file.exists():
         # A resumed run continues the same MLflow run, so its metrics form one curve.
         run_id = id_file.read_text().strip() or None
+    prepare_store(default_tracking_uri(cfg))
     logger = MLFlowLogger(
         experiment_name=cfg.tracking.experiment_name,
         run_name=cfg.tracking.run_name or cfg.experiment,

@@ -173,3 +173,19 @@ def test_training_reads_webdataset_shards(tmp_path):
                                                "tracking.pictures=false", "eval.pointing_game=false"]))
     assert (result.model_dir / "model.safetensors").is_file()
     assert result.last_loss is not None
+
+
+def test_two_runs_starting_together_share_a_new_tracking_store(tmp_path):
+    """Both create the sqlite tables of a new store at once: neither may die of the race."""
+    import concurrent.futures
+
+    from tipslab.platform.tracking import prepare_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = ("import sys; from tipslab.platform.tracking import prepare_store; prepare_store(sys.argv[1])")
+    procs = [subprocess.Popen([sys.executable, "-c", script, uri], stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    with concurrent.futures.ThreadPoolExecutor() as pool:
+        results = list(pool.map(lambda p: (p.wait(timeout=300), p.stderr.read()), procs))
+    assert all(code == 0 for code, _ in results), [err[-500:] for _, err in results]
+    prepare_store(uri)  # and an existing store is left as it is
