@@ -147,7 +147,7 @@ def test_frozen_distillation_teacher_supervises_through_a_projection_and_stays_o
                    "tokenizer": {"kind": "bpe", "context_length": 16}}
     teacher = build_encoder(teacher_cfg)
     save_checkpoint(teacher, teacher_cfg, tmp_path / "teacher")
-    cfg = load_config("tipsv2_tiny", [*SMALL, f"distill_teacher.path={tmp_path / 'teacher'}",
+    cfg = load_config("ablate_contrastive", [*SMALL, f"distill_teacher.path={tmp_path / 'teacher'}",
                                       "components.distill.enabled=true", "data.masking.enabled=false"])
     system = PretrainingSystem(cfg)
     assert isinstance(system.components["distill"].project, torch.nn.Linear)  # 192 -> 384
@@ -189,7 +189,7 @@ def test_clip_grad_norm_on_dtensor_shards(tmp_path):
 
 
 def test_ibot_can_share_the_dino_head_trained_and_ema_updated_once():
-    separate = PretrainingSystem(_cfg())
+    separate = PretrainingSystem(_cfg("components.ibot.share_dino_head=false"))
     shared = PretrainingSystem(_cfg("components.ibot.share_dino_head=true"))
     dino, ibot = shared.components["dino"], shared.components["ibot"]
     assert ibot.head is dino.head and ibot.teacher_head is dino.teacher_head

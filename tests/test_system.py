@@ -7,7 +7,7 @@ from tipslab.platform.system import PretrainingSystem, warmup_cosine
 
 
 def _system(*overrides):
-    return PretrainingSystem(load_config("tipsv2_tiny", ["model.vision.img_size=56", "model.text.context_length=8", *overrides]))
+    return PretrainingSystem(load_config("ablate_contrastive", ["model.vision.img_size=56", "model.text.context_length=8", *overrides]))
 
 
 def _batch(n=4, size=56, length=8):

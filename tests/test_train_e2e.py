@@ -23,14 +23,14 @@ TINY = [
     "trainer.progress_bar=false",
     "optim.warmup_steps=2",
     "trainer.log_every_n_steps=1",
+    # tipsv2_tiny is the whole TIPSv2 recipe (multi-crop, masks, DINO, iBOT++ through the DINO
+    # head, KoLeo, head-only EMA); at test size: small crops and heads.
+    "data.local_crops.count=2",
+    "data.local_crops.size=28",
+    "data.num_workers=0",
+    *[f"components.{c}.{k}={v}" for c in ("dino", "ibot") for k, v in
+      (("prototypes", 64), ("hidden_dim", 32), ("bottleneck_dim", 16))],
 ]
-
-
-# The whole TIPSv2 recipe at test size: multi-crop, masks, DINO, iBOT++, KoLeo, head-only EMA.
-FULL_RECIPE = ["data.global_crops.count=2", "data.local_crops.count=2", "data.local_crops.size=28",
-               "data.masking.enabled=true", "components.koleo.enabled=true",
-               *[f"components.{c}.{k}={v}" for c in ("dino", "ibot") for k, v in
-                 (("enabled", "true"), ("prototypes", 64), ("hidden_dim", 32), ("bottleneck_dim", 16))]]
 
 
 def _tipslab(*args, env_extra=None, timeout=600):
@@ -41,7 +41,7 @@ def _tipslab(*args, env_extra=None, timeout=600):
 
 def test_tiny_run_is_tracked_exported_and_resumes(tmp_path):
     run_dir = tmp_path / "runs" / "tiny"
-    cfg = load_config("tipsv2_tiny", [*TINY, f"run_dir={run_dir}", "trainer.max_steps=6"])
+    cfg = load_config("tipsv2_tiny", [*TINY, f"run_dir={run_dir}", "trainer.max_steps=6", "eval.suites=[]"])
     result = train(cfg)
 
     assert (result.model_dir / "model.safetensors").is_file()
@@ -61,7 +61,8 @@ def test_tiny_run_is_tracked_exported_and_resumes(tmp_path):
     assert {"model", "config.yaml"} <= artifacts
 
     # Resume from the last checkpoint and go on to step 9, in the same MLflow run.
-    cfg2 = load_config("tipsv2_tiny", [*TINY, f"run_dir={run_dir}", "trainer.max_steps=9", "checkpoint.resume=last"])
+    cfg2 = load_config("tipsv2_tiny", [*TINY, f"run_dir={run_dir}", "trainer.max_steps=9", "checkpoint.resume=last",
+                                       "eval.suites=[]"])
     result2 = train(cfg2)
     assert result2.run_id == result.run_id
     history = mlflow.MlflowClient().get_metric_history(result.run_id, "train/loss")
@@ -70,9 +71,9 @@ def test_tiny_run_is_tracked_exported_and_resumes(tmp_path):
 
 def test_loss_goes_down_on_a_small_training_set(tmp_path):
     overrides = [*TINY, f"run_dir={tmp_path / 'r'}", "trainer.max_steps=40", "data.num_train=16",
-                 "optim.lr=2e-3", "tracking.pictures=false", "checkpoint.every_n_steps=100",
-]
-    result = train(load_config("tipsv2_tiny", overrides))
+                 "optim.lr=2e-3", "tracking.pictures=false", "checkpoint.every_n_steps=100", "eval.suites=[]"]
+    # The contrastive loss alone: the self-distillation terms rise while the teacher sharpens.
+    result = train(load_config("ablate_contrastive", overrides))
     assert result.last_loss < 0.85 * result.first_loss, (result.first_loss, result.last_loss)
 
 
@@ -94,7 +95,8 @@ def test_fsdp2_on_two_cpu_processes_trains_checkpoints_and_resumes(tmp_path):
     run_dir = tmp_path / "fsdp"
     # The whole recipe: EMA heads and centres on DTensor shards, gradient clipping across ranks.
     common = [*TINY, f"run_dir={run_dir}", "trainer.strategy=fsdp", "trainer.devices=2",
-              "trainer.accelerator=cpu", "tracking.pictures=false", *FULL_RECIPE, "optim.grad_clip=0.5"]
+              "trainer.accelerator=cpu", "tracking.pictures=false", "optim.grad_clip=0.5",
+              "eval.suites=[zeroshot_seg]", "eval.num_scenes=8"]
     first = _tipslab("train", "tipsv2_tiny", *common, "trainer.max_steps=3")
     assert first.returncode == 0, first.stderr[-3000:]
     assert (run_dir / "model" / "model.safetensors").is_file()
@@ -116,7 +118,7 @@ def test_fsdp2_full_ema_teacher_and_frozen_distillation_teacher_on_two_processes
     save_checkpoint(build_encoder(teacher_cfg), teacher_cfg, tmp_path / "teacher")
     run_dir = tmp_path / "fsdp"
     out = _tipslab("train", "tipsv2_tiny", *TINY, f"run_dir={run_dir}", "trainer.strategy=fsdp", "trainer.devices=2",
-                   "trainer.accelerator=cpu", "tracking.pictures=false", "eval.pointing_game=false", *FULL_RECIPE,
+                   "trainer.accelerator=cpu", "tracking.pictures=false", "eval.pointing_game=false", "eval.suites=[]",
                    "ema.mode=full", "components.distill.enabled=true", f"distill_teacher.path={tmp_path / 'teacher'}",
                    "trainer.max_steps=3")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -137,11 +139,12 @@ def test_run_resumed_from_a_mid_run_checkpoint_ends_with_the_same_weights(tmp_pa
     """As if the run had been killed after step 3: resume from that checkpoint in a new run
     directory and finish; the weights (EMA heads and centres included) must match the
     uninterrupted run's."""
-    common = [*TINY, "tracking.pictures=false", "eval.pointing_game=false", "trainer.max_steps=6",
-              *(FULL_RECIPE if recipe == "full" else [])]
-    straight = train(load_config("tipsv2_tiny", [*common, f"run_dir={tmp_path / 'a'}"]))
+    common = [*TINY, "tracking.pictures=false", "eval.pointing_game=false", "eval.suites=[]", "trainer.max_steps=6",
+              ]
+    exp = "tipsv2_tiny" if recipe == "full" else "ablate_contrastive"
+    straight = train(load_config(exp, [*common, f"run_dir={tmp_path / 'a'}"]))
     (step3,) = [p for p in straight.checkpoint_dir.glob("*.ckpt") if "0000003" in p.name]
-    resumed = train(load_config("tipsv2_tiny", [*common, f"run_dir={tmp_path / 'b'}", f"checkpoint.resume={step3}"]))
+    resumed = train(load_config(exp, [*common, f"run_dir={tmp_path / 'b'}", f"checkpoint.resume={step3}"]))
     a, b = _weights(straight.model_dir), _weights(resumed.model_dir)
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -170,7 +173,8 @@ def test_training_reads_webdataset_shards(tmp_path):
     write_scene_shards(ScenesDataset("train", num_images=24, image_size=56, seed=3), shards, samples_per_shard=8)
     result = train(load_config("tipsv2_tiny", [*TINY, f"run_dir={tmp_path / 'r'}", "data.source=shards",
                                                f"data.path={shards}", "trainer.max_steps=3",
-                                               "tracking.pictures=false", "eval.pointing_game=false"]))
+                                               "tracking.pictures=false", "eval.pointing_game=false",
+                                               "eval.suites=[]"]))
     assert (result.model_dir / "model.safetensors").is_file()
     assert result.last_loss is not None
 
