@@ -112,6 +112,12 @@ class VisionTower(nn.Module):
         self.embed_dim = self.vit.embed_dim
         # DINOv2 initialises the mask token to zeros; shape [1, D] as in the official files.
         self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim))
+        # timm starts CLS and register near zero (std 1e-6): two near-equal tokens with no position
+        # embedding then give near-equal CLS1/CLS2 outputs for the whole run, and TIPS's two CLS
+        # tokens (alt-text vs synthetic captions) cannot specialise. Distinct starts (ViT's 0.02);
+        # loaded checkpoints overwrite them.
+        nn.init.trunc_normal_(self.vit.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.vit.reg_token, std=0.02)
 
     @property
     def blocks(self) -> nn.Sequential:

@@ -202,3 +202,17 @@ def test_default_dense_layers_reproduce_the_official_tables():
         assert default_dense_layers(depth) == layers
     assert {VISION_SIZES[s]["depth"] for s in ("b", "l", "so400m", "g")} == set(OFFICIAL_DENSE_LAYERS)
     assert default_dense_layers(VISION_SIZES["tiny"]["depth"]) == (0, 1, 2, 3)
+
+
+def test_fresh_tower_starts_with_two_distinct_cls_tokens():
+    """CLS1 and CLS2 must be able to specialise (alt-text vs synthetic captions) from the start."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    tower = VisionTower("tiny", img_size=56).eval()
+    cls, reg = tower.vit.cls_token.flatten(), tower.vit.reg_token.flatten()
+    assert cls.std() > 0.01 and reg.std() > 0.01
+    assert F.cosine_similarity(cls, reg, dim=0) < 0.5
+    with torch.no_grad():
+        out = tower(torch.rand(2, 3, 56, 56))
+    assert F.cosine_similarity(out.cls1, out.cls2, dim=-1).max() < 0.99
