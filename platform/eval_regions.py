@@ -15,16 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tipslab.retrieval.regions import box_iou
+
 IOU_THRESHOLD = 0.5
-
-
-def box_iou(a, b) -> float:
-    """IoU of (x0, y0, x1, y1) boxes, x1/y1 exclusive."""
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def recall_of_hits(hits_per_query: list[list], truth: dict[str, dict[str, list]], ks) -> dict[str, float]:

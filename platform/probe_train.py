@@ -212,21 +212,13 @@ def train_probe(cfg: DictConfig, loaded=None) -> ProbeResult:
 
     from tipslab.modules.api import load_model
     from tipslab.modules.official_decoders import export_decoder
-    from tipslab.platform.config import save_config
     from tipslab.platform.tracking import build_logger
-    from tipslab.platform.train import _quiet_known_noise, _resume_path
+    from tipslab.platform.train import start_run
 
-    _quiet_known_noise()
     if loaded is None:
         loaded = load_model(cfg.encoder.path, img_size=cfg.encoder.img_size)
     image_size = int(cfg.encoder.img_size or loaded.preprocess.img_size)
-    run_dir = Path(cfg.run_dir)
-    checkpoint_dir = run_dir / "checkpoints"
-    ckpt_path = _resume_path(cfg, checkpoint_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    run_dir, checkpoint_dir, ckpt_path = start_run(cfg)
     train_set, val_set = build_datasets(cfg, image_size)
     system = ProbeSystem(cfg, loaded.encoder, getattr(train_set, "num_classes", None))
     if cfg.data.cache_features:

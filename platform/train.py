@@ -89,6 +89,20 @@ def _resume_path(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
     return str(resume)
 
 
+def start_run(cfg: DictConfig) -> tuple[Path, Path, str | None]:
+    """What every tipslab run does first (pretraining and probes): quiet known noise, make the run
+    directory, save the resolved config, find the checkpoint to resume, seed everything.
+    Returns (run_dir, checkpoint_dir, checkpoint to resume or None)."""
+    _quiet_known_noise()
+    run_dir = Path(cfg.run_dir)
+    checkpoint_dir = run_dir / "checkpoints"
+    ckpt_path = _resume_path(cfg, checkpoint_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    return run_dir, checkpoint_dir, ckpt_path
+
+
 def train(cfg: DictConfig) -> TrainResult:
     from lightning.pytorch.callbacks import (
         LearningRateMonitor,
@@ -109,14 +123,7 @@ def train(cfg: DictConfig) -> TrainResult:
     from tipslab.platform.system import PretrainingSystem
 
     preflight(cfg)
-    _quiet_known_noise()
-    run_dir = Path(cfg.run_dir)
-    checkpoint_dir = run_dir / "checkpoints"
-    ckpt_path = _resume_path(cfg, checkpoint_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    run_dir, checkpoint_dir, ckpt_path = start_run(cfg)
     tokenizer = build_tokenizer(**cfg.model.tokenizer)
     datamodule = PretrainDataModule(cfg.data, tokenizer, seed=int(cfg.seed))
     system = PretrainingSystem(cfg)

@@ -152,3 +152,12 @@ def find_regions(scores, image_size: tuple[int, int], *, fraction: float | None 
     big = [reg for reg in regions if reg.num_patches >= min_patches]
     regions = big or regions[:1]
     return regions[:max_regions] if max_regions is not None else regions
+
+
+def box_iou(a, b) -> float:
+    """IoU of (x0, y0, x1, y1) boxes, x1/y1 exclusive."""
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0

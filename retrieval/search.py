@@ -17,7 +17,7 @@ import torch
 
 from tipslab.errors import TipslabError
 from tipslab.retrieval.index_dir import IndexDirectory
-from tipslab.retrieval.regions import find_regions
+from tipslab.retrieval.regions import box_iou, find_regions
 
 # A small prompt ensemble in the spirit of TCL's set used by the official TIPS zero-shot
 # segmentation notebook (which averages 9 templates); the exact official list was not checked.
@@ -74,14 +74,6 @@ def embed_text(loaded, queries: Sequence[str], templates: Sequence[str] | None =
     return torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()
 
 
-def _iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def score_map(index: IndexDirectory, image_id: int, query: np.ndarray) -> np.ndarray:
     """Exact cosine score of every patch of one image, ``[grid_h, grid_w]`` float32."""
     info = index.image_info(image_id)
@@ -125,7 +117,7 @@ def search_by_vectors(index, query_vectors, k: int = 5, *, queries: Sequence[str
             kept = []
             for region in find_regions(heat, size, fraction=fraction, margin=margin, reduce=reduce,
                                        min_patches=min_patches):
-                if any(_iou(region.box, other.box) > dedupe_iou for other in kept):
+                if any(box_iou(region.box, other.box) > dedupe_iou for other in kept):
                     continue
                 kept.append(region)
                 if len(kept) == per_image:
