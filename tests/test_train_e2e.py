@@ -23,14 +23,17 @@ TINY = [
     "trainer.progress_bar=false",
     "optim.warmup_steps=2",
     "trainer.log_every_n_steps=1",
-    # tipsv2_tiny is the whole TIPSv2 recipe (multi-crop, masks, DINO, iBOT++ through the DINO
-    # head, KoLeo, head-only EMA); at test size: small crops and heads.
+    # For WHOLE (the whole TIPSv2 recipe: multi-crop, masks, DINO, iBOT++ through the DINO head,
+    # KoLeo, head-only EMA) at test size: small crops and heads.
     "data.local_crops.count=2",
     "data.local_crops.size=28",
     "data.num_workers=0",
     *[f"components.{c}.{k}={v}" for c in ("dino", "ibot") for k, v in
       (("prototypes", 64), ("hidden_dim", 32), ("bottleneck_dim", 16))],
 ]
+
+
+WHOLE = "ablate_head_ema"
 
 
 def _tipslab(*args, env_extra=None, timeout=600):
@@ -73,7 +76,7 @@ def test_loss_goes_down_on_a_small_training_set(tmp_path):
     overrides = [*TINY, f"run_dir={tmp_path / 'r'}", "trainer.max_steps=40", "data.num_train=16",
                  "optim.lr=2e-3", "tracking.pictures=false", "checkpoint.every_n_steps=100", "eval.suites=[]"]
     # The contrastive loss alone: the self-distillation terms rise while the teacher sharpens.
-    result = train(load_config("ablate_contrastive", overrides))
+    result = train(load_config("tipsv2_tiny", overrides))
     assert result.last_loss < 0.85 * result.first_loss, (result.first_loss, result.last_loss)
 
 
@@ -97,13 +100,13 @@ def test_fsdp2_on_two_cpu_processes_trains_checkpoints_and_resumes(tmp_path):
     common = [*TINY, f"run_dir={run_dir}", "trainer.strategy=fsdp", "trainer.devices=2",
               "trainer.accelerator=cpu", "tracking.pictures=false", "optim.grad_clip=0.5",
               "eval.suites=[zeroshot_seg]", "eval.num_scenes=8"]
-    first = _tipslab("train", "tipsv2_tiny", *common, "trainer.max_steps=3")
+    first = _tipslab("train", WHOLE, *common, "trainer.max_steps=3")
     assert first.returncode == 0, first.stderr[-3000:]
     assert (run_dir / "model" / "model.safetensors").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     # The end-of-run evaluation gathered the shards instead of skipping the sharded encoder.
     assert "| zeroshot_seg" in (run_dir / "eval" / "eval.md").read_text()
-    second = _tipslab("train", "tipsv2_tiny", *common, "trainer.max_steps=5", "checkpoint.resume=last")
+    second = _tipslab("train", WHOLE, *common, "trainer.max_steps=5", "checkpoint.resume=last")
     assert second.returncode == 0, second.stderr[-3000:]
 
 
@@ -117,7 +120,7 @@ def test_fsdp2_full_ema_teacher_and_frozen_distillation_teacher_on_two_processes
                    "tokenizer": {"kind": "bpe", "context_length": 16}}
     save_checkpoint(build_encoder(teacher_cfg), teacher_cfg, tmp_path / "teacher")
     run_dir = tmp_path / "fsdp"
-    out = _tipslab("train", "tipsv2_tiny", *TINY, f"run_dir={run_dir}", "trainer.strategy=fsdp", "trainer.devices=2",
+    out = _tipslab("train", WHOLE, *TINY, f"run_dir={run_dir}", "trainer.strategy=fsdp", "trainer.devices=2",
                    "trainer.accelerator=cpu", "tracking.pictures=false", "eval.pointing_game=false", "eval.suites=[]",
                    "ema.mode=full", "components.distill.enabled=true", f"distill_teacher.path={tmp_path / 'teacher'}",
                    "trainer.max_steps=3")
@@ -141,7 +144,7 @@ def test_run_resumed_from_a_mid_run_checkpoint_ends_with_the_same_weights(tmp_pa
     uninterrupted run's."""
     common = [*TINY, "tracking.pictures=false", "eval.pointing_game=false", "eval.suites=[]", "trainer.max_steps=6",
               ]
-    exp = "tipsv2_tiny" if recipe == "full" else "ablate_contrastive"
+    exp = WHOLE if recipe == "full" else "ablate_contrastive"
     straight = train(load_config(exp, [*common, f"run_dir={tmp_path / 'a'}"]))
     (step3,) = [p for p in straight.checkpoint_dir.glob("*.ckpt") if "0000003" in p.name]
     resumed = train(load_config(exp, [*common, f"run_dir={tmp_path / 'b'}", f"checkpoint.resume={step3}"]))
