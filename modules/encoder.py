@@ -84,6 +84,7 @@ def build_encoder(model_cfg) -> ImageTextEncoder:
         img_size=int(_get(vision_cfg, "img_size", 224)),
         drop_path_rate=float(_get(vision_cfg, "drop_path_rate", 0.0)),
         pos_grid=_get(vision_cfg, "pos_grid"),
+        registers=int(_get(vision_cfg, "registers", 0)),
     )
     text = TextTower(
         str(_get(text_cfg, "size", "tiny")),

@@ -61,7 +61,7 @@ class VisionOutput:
     grid: tuple[int, int]  # (h, w) patches
 
 
-def timm_vit_kwargs(size: str, img_size: int, drop_path_rate: float = 0.0) -> dict:
+def timm_vit_kwargs(size: str, img_size: int, drop_path_rate: float = 0.0, registers: int = 0) -> dict:
     """The `timm.models.vision_transformer.VisionTransformer` arguments of one size."""
     if size not in VISION_SIZES:
         raise TipslabError(f"model.vision.size={size!r} is not known; expected one of {', '.join(VISION_SIZES)}")
@@ -74,7 +74,7 @@ def timm_vit_kwargs(size: str, img_size: int, drop_path_rate: float = 0.0) -> di
         num_heads=arch["num_heads"],
         mlp_ratio=arch["mlp_ratio"],
         init_values=1.0,
-        reg_tokens=1,
+        reg_tokens=1 + int(registers),  # the official register is CLS2; `registers` more are free
         no_embed_class=True,
         num_classes=0,
         dynamic_img_size=True,
@@ -95,7 +95,8 @@ class VisionTower(nn.Module):
     checkpoint says otherwise (TIPS v1 high-res models run at 448 with a 16x16 grid).
     """
 
-    def __init__(self, size: str, img_size: int = 224, drop_path_rate: float = 0.0, pos_grid: int | None = None):
+    def __init__(self, size: str, img_size: int = 224, drop_path_rate: float = 0.0, pos_grid: int | None = None,
+                 registers: int = 0):
         super().__init__()
         from timm.models.vision_transformer import VisionTransformer
 
@@ -108,7 +109,13 @@ class VisionTower(nn.Module):
         self.pos_grid = pos_grid
         self.patch_size = PATCH_SIZE
         # timm sizes the position table from its img_size: give it the grid's resolution.
-        self.vit = VisionTransformer(**timm_vit_kwargs(size, pos_grid * PATCH_SIZE, drop_path_rate))
+        if int(registers) < 0:
+            raise TipslabError(f"model.vision.registers={registers}; expected 0 or more")
+        # Extra registers (Darcet et al., "Vision Transformers Need Registers"): tokens with no
+        # loss of their own where the model can keep global information instead of in background
+        # patches. The official TIPS towers have none (their one register is CLS2).
+        self.registers = int(registers)
+        self.vit = VisionTransformer(**timm_vit_kwargs(size, pos_grid * PATCH_SIZE, drop_path_rate, self.registers))
         self.embed_dim = self.vit.embed_dim
         # DINOv2 initialises the mask token to zeros; shape [1, D] as in the official files.
         self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim))
@@ -177,7 +184,7 @@ class VisionTower(nn.Module):
 
     def _split(self, x: torch.Tensor, grid: tuple[int, int]) -> VisionOutput:
         x = self.vit.norm(x)
-        return VisionOutput(cls1=x[:, 0], cls2=x[:, 1], patches=x[:, 2:], grid=grid)
+        return VisionOutput(cls1=x[:, 0], cls2=x[:, 1], patches=x[:, 2 + self.registers:], grid=grid)
 
     # -- forwards ---------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> VisionOutput:
@@ -232,7 +239,8 @@ class VisionTower(nn.Module):
         outputs = []
         for index in layers:
             tokens = self.vit.norm(taken[int(index)]) if norm else taken[int(index)]
-            outputs.append(VisionOutput(cls1=tokens[:, 0], cls2=tokens[:, 1], patches=tokens[:, 2:], grid=grid))
+            outputs.append(VisionOutput(cls1=tokens[:, 0], cls2=tokens[:, 1], patches=tokens[:, 2 + self.registers:],
+                                        grid=grid))
         return outputs
 
 

@@ -216,3 +216,21 @@ def test_fresh_tower_starts_with_two_distinct_cls_tokens():
     with torch.no_grad():
         out = tower(torch.rand(2, 3, 56, 56))
     assert F.cosine_similarity(out.cls1, out.cls2, dim=-1).max() < 0.99
+
+
+def test_extra_registers_are_neither_cls_nor_patches():
+    torch.manual_seed(0)
+    plain, more = VisionTower("tiny", img_size=56), VisionTower("tiny", img_size=56, registers=3)
+    assert plain.vit.reg_token.shape[1] == 1 and more.vit.reg_token.shape[1] == 4
+    with torch.no_grad():
+        out = more.eval()(torch.rand(2, 3, 56, 56))
+        x, grid = more.tokens(torch.rand(2, 3, 56, 56))
+    assert out.patches.shape == (2, 16, 192) and x.shape[1] == 2 + 3 + 16
+    # The patches are the last 16 tokens, whatever the register count.
+    with torch.no_grad():
+        images = torch.rand(1, 3, 56, 56)
+        tokens, _ = more.tokens(images)
+        final = more.vit.norm(more.vit.blocks(tokens))
+        assert torch.allclose(more(images).patches, final[:, 5:], atol=1e-6)
+    with pytest.raises(TipslabError, match="registers"):
+        VisionTower("tiny", img_size=56, registers=-1)
