@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from tipslab.platform.config import load_config  # noqa: E402
+from tipslab.platform.ema import ema_update_  # noqa: E402
 from tipslab.platform.system import PretrainingSystem  # noqa: E402
 
 VARIANTS = {
@@ -63,8 +64,6 @@ def time_steps(system, batch, steps: int, device: str) -> float:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        from tipslab.platform.ema import ema_update_
-
         ema_update_(system.momentum_pairs(), 0.99)
     if device == "cuda":
         torch.cuda.synchronize()

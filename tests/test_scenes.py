@@ -194,7 +194,8 @@ def test_write_scene_folder(tmp_path):
 def test_captions_of_a_crop_name_exactly_the_objects_it_shows():
     import numpy as np
 
-    from tipslab.datamodules.scenes import CROP_VISIBLE_SHARE, ScenesDataset
+    from tipslab.datamodules.scene_captions import CROP_VISIBLE_SHARE
+    from tipslab.datamodules.scenes import ScenesDataset
     from tipslab.datamodules.streams import SampleProcessor
     from tipslab.datamodules.transforms import GlobalCrop, crop_params
 
