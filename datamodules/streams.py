@@ -35,7 +35,7 @@ from tipslab.datamodules.batch import Batch, collate
 from tipslab.datamodules.captions import alt_caption, check_probs, sample_caption
 from tipslab.datamodules.sample import CorruptSample
 from tipslab.datamodules.shards import ShardDataset
-from tipslab.datamodules.transforms import PATCH_SIZE, mirror_text
+from tipslab.datamodules.transforms import PATCH_SIZE, mirror_text, to_tensor
 from tipslab.errors import TipslabError
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,10 @@ class SampleProcessor:
         self.masker = masker
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
+        # Decoded to a tensor once, however many crops are cut from it.
+        pixels = to_tensor(sample["image"])
         # A view with `crop` also says which box of the source it shows.
-        image, flipped, *box = (self.view.crop if hasattr(self.view, "crop") else self.view)(sample["image"], rng)
+        image, flipped, *box = (self.view.crop if hasattr(self.view, "crop") else self.view)(pixels, rng)
         sample_id = str(sample["id"])
         captions = sample["captions"]
         if self.crop_captions and box and sample.get("crop_captions") is not None:
@@ -86,7 +88,7 @@ class SampleProcessor:
         item = {"image": image, "alt": alt, "caption": caption, "granularity": granularity, "id": sample_id}
         rest = getattr(self.view, "rest", None)
         if rest is not None:
-            more, local = rest(sample["image"], rng)
+            more, local = rest(pixels, rng)
             item["globals"] = [image, *more]
             item["locals"] = local
         if self.masker is not None:

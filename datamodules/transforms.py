@@ -125,7 +125,7 @@ class Resize:
 class MultiCropViews:
     """DINOv2's multi-crop: ``count`` global crops and ``local_count`` local crops of one image.
 
-    ``views(image, rng) -> (first, flipped, box)``: the first global crop (the contrastive view,
+    ``crop(image, rng) -> (first, flipped, box)``: the first global crop (the contrastive view,
     whose captions follow it: mirrored when it is flipped, and describing its ``box`` when the
     source knows its objects), then `rest` for the other global crops and the local crops. The
     first global crop is drawn first, so a one-crop config makes the same first view as
