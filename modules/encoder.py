@@ -85,6 +85,7 @@ def build_encoder(model_cfg) -> ImageTextEncoder:
         drop_path_rate=float(_get(vision_cfg, "drop_path_rate", 0.0)),
         pos_grid=_get(vision_cfg, "pos_grid"),
         registers=int(_get(vision_cfg, "registers", 0)),
+        dense_readout=str(_get(vision_cfg, "dense_readout", "residual")),
     )
     text = TextTower(
         str(_get(text_cfg, "size", "tiny")),

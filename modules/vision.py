@@ -33,6 +33,9 @@ PATCH_SIZE = 14
 # Architecture per size. b, l, so400m and g are the arguments of timm's
 # `vit_{base,large,so400m,giant}_patch14_reg1_tipsv2` (tests/test_vision.py checks they still
 # agree); s is the official `vit_small`; tiny is a CPU size for demos and tests.
+# What `forward_dense` keeps of the last block besides the value path (see its docstring).
+DENSE_READOUTS = ("residual", "value")
+
 VISION_SIZES: dict[str, dict] = {
     "tiny": dict(embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0),
     "s": dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0),
@@ -96,7 +99,7 @@ class VisionTower(nn.Module):
     """
 
     def __init__(self, size: str, img_size: int = 224, drop_path_rate: float = 0.0, pos_grid: int | None = None,
-                 registers: int = 0):
+                 registers: int = 0, dense_readout: str = "residual"):
         super().__init__()
         from timm.models.vision_transformer import VisionTransformer
 
@@ -115,6 +118,9 @@ class VisionTower(nn.Module):
         # loss of their own where the model can keep global information instead of in background
         # patches. The official TIPS towers have none (their one register is CLS2).
         self.registers = int(registers)
+        if dense_readout not in DENSE_READOUTS:
+            raise TipslabError(f"model.vision.dense_readout={dense_readout!r}; expected one of {', '.join(DENSE_READOUTS)}")
+        self.dense_readout = dense_readout
         self.vit = VisionTransformer(**timm_vit_kwargs(size, pos_grid * PATCH_SIZE, drop_path_rate, self.registers))
         self.embed_dim = self.vit.embed_dim
         # DINOv2 initialises the mask token to zeros; shape [1, D] as in the official files.
@@ -192,14 +198,27 @@ class VisionTower(nn.Module):
         x = self.vit.blocks(x)
         return self._split(x, grid)
 
-    def forward_dense(self, images: torch.Tensor) -> VisionOutput:
-        """Outputs whose patches are the last block's value path (MaskCLIP trick, official notebook).
+    def forward_dense(self, images: torch.Tensor, readout: str | None = None) -> VisionOutput:
+        """Outputs whose patches are the last block's value path (MaskCLIP trick), for patch-text
+        similarity (zero-shot segmentation, search).
 
         In the last block attention is replaced by `attn.proj(v)`: each token keeps its own value
-        instead of mixing with others, which localises patch-text similarity. LayerScale, the
-        residual and the MLP residual stay; then the final norm. CLS1/CLS2 come from the same
-        pass (so they are value-path tokens too); use `forward` for the ordinary CLS tokens.
+        instead of mixing with others, which localises patch-text similarity. `readout` (default:
+        the tower's `dense_readout`) says what else the last block keeps:
+
+        - `residual` (the official notebook): LayerScale, the residual and the MLP residual, then
+          the final norm. Right for the official towers, trained long enough that the residual
+          stream of a patch is semantic.
+        - `value`: the LayerScaled value path alone, then the final norm (ClearCLIP, Lan et al.
+          2024: the residual stream and the MLP carry most of the noise of CLIP-like dense maps).
+          Right for short runs, where the residual of a patch still holds mostly its pixels and
+          position (docs/RECIPE.md has the measurements).
+
+        CLS1/CLS2 come from the same pass; use `forward` for the ordinary CLS tokens.
         """
+        readout = self.dense_readout if readout is None else readout
+        if readout not in DENSE_READOUTS:
+            raise TipslabError(f"dense readout {readout!r}; expected one of {', '.join(DENSE_READOUTS)}")
         x, grid = self.tokens(images)
         blocks = list(self.vit.blocks)
         for block in blocks[:-1]:
@@ -208,7 +227,10 @@ class VisionTower(nn.Module):
         attn = last.attn
         qkv = attn.qkv(last.norm1(x))
         v = qkv[..., 2 * attn.attn_dim :]  # qkv is laid out [q | k | v], heads contiguous inside
-        x = x + last.drop_path1(last.ls1(attn.proj(attn.norm(v))))
+        value = last.ls1(attn.proj(attn.norm(v)))
+        if readout == "value":
+            return self._split(value, grid)
+        x = x + last.drop_path1(value)
         x = x + last.drop_path2(last.ls2(last.mlp(last.norm2(x))))
         return self._split(x, grid)
 

@@ -106,6 +106,7 @@ class PointingGameCallback(L.Callback):
             result = pointing_game(encoder, self.tokenizer, scenes, dense=dense)
             self.results[f"eval/pointing_acc_{feature}"] = result.accuracy
             self.results[f"eval/pointing_any_object_{feature}"] = result.any_object
+            self.results[f"eval/pointing_calibrated_{feature}"] = result.calibrated
         self.results["eval/pointing_chance"] = result.chance
         if trainer.logger is not None:
             trainer.logger.log_metrics(self.results, step=trainer.global_step)

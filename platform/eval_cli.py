@@ -38,6 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--text", default=None, help="official models: the text .npz (default: beside MODEL)")
     parser.add_argument("--tokenizer", default=None, help="official models: tokenizer.model (default: beside MODEL)")
     parser.add_argument("--img-size", type=int, default=None, help="resolution the model runs at (official: 448)")
+    parser.add_argument("--dense-readout", default=None, choices=("residual", "value"),
+                        help="dense patch features: residual (official notebook) or value (value path alone); "
+                             "default: the model's model.vision.dense_readout")
     parser.set_defaults(func=run_eval)
     return parser
 
@@ -101,6 +104,8 @@ def run_eval(args) -> int:
     out = Path(args.out) if args.out else (path.resolve().parent / "eval" if own else Path(f"eval-{path.stem}"))
     loaded = load_model(args.model, args.device or "cpu", text=args.text, tokenizer=args.tokenizer,
                         img_size=args.img_size)
+    if args.dense_readout:
+        loaded.encoder.vision.dense_readout = args.dense_readout
     report = evaluate_model(loaded, suites, data, settings=settings, out=out, pictures=not args.no_pictures,
                             seed=args.seed)
     if info is not None and not args.no_pictures:

@@ -208,6 +208,16 @@ def _evaluate(model, suites, data, *, settings, out, pictures, seed, device, log
             seg_examples = (result["examples"], dataset.class_names, dataset.ignore_index, name)
             rows += _rows(suite, name, "dense", {"mIoU": result["miou"], "pixel_acc": result["pixel_acc"]},
                           {"mIoU": _seg_chance(dataset, seed)})
+            if suite not in data:  # the scenes know every object: the pointing game beside mIoU
+                from tipslab.platform.evaluate import pointing_game
+
+                scenes = [dataset.scenes.scene(i) for i in range(len(dataset.scenes))]
+                point = pointing_game(loaded.encoder, loaded.tokenizer, scenes)
+                chance = 100.0 * point.chance
+                rows += _rows(suite, name, "pointing", {"acc": 100.0 * point.accuracy,
+                                                        "calibrated": 100.0 * point.calibrated,
+                                                        "any_object": 100.0 * point.any_object},
+                              {"acc": chance, "calibrated": chance})
         elif suite == "retrieval":
             if suite in data:
                 paths, texts, owner = ret.load_karpathy(data[suite], split=str(cfg.retrieval.split),

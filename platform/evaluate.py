@@ -7,6 +7,12 @@ so is the share of best patches that land on *any* object of the scene: a model 
 objects but not the named one scores high there and low on accuracy (an untrained ViT already
 prefers the bright objects over the dark background).
 This is the quantity TIPSv2's recipe (iBOT++, head-only EMA, distillation) is meant to raise.
+
+`calibrated` plays the same game on scores relative to the vocabulary: each patch's similarity
+to a name minus its mean similarity to all the names of the split. Text embeddings share a
+common direction, and a patch that is merely close to it (often the background) otherwise wins
+for every name; segmentation's argmax over classes is blind to that offset, the raw pointing game
+is not. Both are reported.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ class PointingResult:
     chance: float
     any_object: float
     objects: int
+    calibrated: float = float("nan")  # the same with scores relative to the vocabulary's mean
 
 
 def patch_centres(grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +57,7 @@ def pointing_game(encoder, tokenizer, scenes, dense: bool = True, batch_size: in
     names = sorted({obj.class_name for scene in scenes for obj in scene.objects})
     text = F.normalize(encoder.encode_text(tokenizer(names).to(device)), dim=-1)
     column = {name: i for i, name in enumerate(names)}
-    hits, areas, any_hits = [], [], []
+    hits, areas, any_hits, calibrated_hits = [], [], [], []
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start : start + batch_size]
         images = torch.stack([s.to_tensor() for s in chunk]).to(device)
@@ -58,12 +65,15 @@ def pointing_game(encoder, tokenizer, scenes, dense: bool = True, batch_size: in
         sims = (F.normalize(out.patches, dim=-1) @ text.T).reshape(len(chunk), *out.grid, len(names))
         for scene, sim in zip(chunk, sims.cpu().numpy()):
             union = np.logical_or.reduce([obj.mask for obj in scene.objects])
+            relative = sim - sim.mean(axis=-1, keepdims=True)
             for obj in scene.objects:
                 hits.append(pointing_hit(sim[..., column[obj.class_name]], obj.mask))
+                calibrated_hits.append(pointing_hit(relative[..., column[obj.class_name]], obj.mask))
                 any_hits.append(pointing_hit(sim[..., column[obj.class_name]], union))
                 areas.append(float(obj.mask.mean()))
     encoder.train(was_training)
     if not hits:
         return PointingResult(accuracy=float("nan"), chance=float("nan"), any_object=float("nan"), objects=0)
     return PointingResult(accuracy=float(np.mean(hits)), chance=float(np.mean(areas)),
-                          any_object=float(np.mean(any_hits)), objects=len(hits))
+                          any_object=float(np.mean(any_hits)), objects=len(hits),
+                          calibrated=float(np.mean(calibrated_hits)))

@@ -17,7 +17,8 @@ def print_train_summary(result) -> None:
         print(
             f"  patch-text pointing (scenes val): dense {ev['eval/pointing_acc_dense']:.3f}, "
             f"final {ev['eval/pointing_acc_final']:.3f}, chance {ev['eval/pointing_chance']:.3f} "
-            f"(best patch on any object: dense {ev['eval/pointing_any_object_dense']:.3f})"
+            f"(best patch on any object: dense {ev['eval/pointing_any_object_dense']:.3f}; "
+            f"scores relative to the vocabulary: dense {ev.get('eval/pointing_calibrated_dense', float('nan')):.3f})"
         )
     if (result.run_dir / "eval" / "eval.md").is_file() and any(k.count("/") == 4 for k in ev):
         print(f"  evaluation     : {result.run_dir / 'eval' / 'eval.md'}  (and its pictures; tipslab eval MODEL)")

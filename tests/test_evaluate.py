@@ -52,3 +52,38 @@ def test_pointing_game_scores_an_oracle_well_above_chance():
     assert 0 < result.chance < 0.3
     assert result.accuracy > 0.6 > 10 * result.chance
     assert result.any_object >= result.accuracy
+
+
+class _OffsetEncoder(_OracleEncoder):
+    """The oracle, with a direction every text shares (an extra dimension) and one patch (the
+    top-left) lying on it: raw scores send every name to that patch, scores relative to the
+    vocabulary do not."""
+
+    def encode_image(self, images, dense=True):
+        out = super().encode_image(images, dense)
+        common = torch.zeros(*out.patches.shape[:2], 1)
+        out.patches = torch.cat([out.patches, common], dim=-1)
+        out.patches[:, 0] = 0.0
+        out.patches[:, 0, -1] = 1.0
+        return out
+
+    def encode_text(self, ids):
+        return torch.cat([ids.float(), torch.ones(len(ids), 1)], dim=-1)
+
+
+def test_calibrated_pointing_ignores_a_patch_close_to_every_name():
+    from tipslab.datamodules.scenes import COLOURS, ScenesDataset
+
+    val = ScenesDataset("val", num_images=12, image_size=112, seed=0)
+    scenes = [val.scene(i) for i in range(12)]
+    colours = list(COLOURS)
+
+    def tokenizer(names):
+        return torch.nn.functional.one_hot(torch.tensor([colours.index(n.split()[0]) for n in names]), len(colours))
+
+    plain = pointing_game(_OracleEncoder(COLOURS), tokenizer, scenes)
+    offset = pointing_game(_OffsetEncoder(COLOURS), tokenizer, scenes)
+    # Patch 0 (the top-left corner) wins every raw query: only objects covering it are hits.
+    assert offset.accuracy < 0.2 < plain.accuracy
+    assert offset.calibrated > 0.6
+    assert abs(offset.calibrated - plain.calibrated) < 0.1

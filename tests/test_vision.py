@@ -107,12 +107,34 @@ def test_dense_output_is_last_block_value_path(tower):
         heads = blk.attn.num_heads
         qkv = blk.attn.qkv(h).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
         v = qkv[2].transpose(1, 2).reshape(b, n, c)
-        x = x + blk.ls1(blk.attn.proj(v))
+        value = blk.ls1(blk.attn.proj(v))
+        value_only_ref = tower.vit.norm(value)[:, 2:]
+        x = x + value
         x = x + blk.ls2(blk.mlp(blk.norm2(x)))
         ref = tower.vit.norm(x)[:, 2:]
+        value_only = tower.forward_dense(images, readout="value")
     assert dense.grid == grid == (5, 3)
     torch.testing.assert_close(dense.patches, ref, rtol=1e-5, atol=1e-5)
     assert (dense.patches - normal.patches).abs().max() > 1e-3
+    # ClearCLIP's readout: the value path alone, without the residual and the MLP.
+    torch.testing.assert_close(value_only.patches, value_only_ref, rtol=1e-5, atol=1e-5)
+    assert (value_only.patches - dense.patches).abs().max() > 1e-3
+
+
+def test_dense_readout_is_a_model_setting_with_a_clear_error():
+    from tipslab.modules.encoder import build_encoder
+
+    encoder = build_encoder({"vision": {"size": "tiny", "img_size": 56, "dense_readout": "value"},
+                             "text": {"size": "tiny", "vocab_size": 64, "context_length": 8}})
+    images = torch.rand(1, 3, 56, 56)
+    with torch.no_grad():
+        default = encoder.encode_image(images, dense=True).patches
+        explicit = encoder.vision.forward_dense(images, readout="value").patches
+        residual = encoder.vision.forward_dense(images, readout="residual").patches
+    torch.testing.assert_close(default, explicit)
+    assert (default - residual).abs().max() > 1e-3
+    with pytest.raises(TipslabError, match="dense_readout='mlp'.*residual, value"):
+        VisionTower("tiny", img_size=56, dense_readout="mlp")
 
 
 def test_bad_inputs_are_clear_errors(tower):
