@@ -153,9 +153,13 @@ def fewer_hits_note(found: int, k: int, threshold: float | None) -> str | None:
 
 
 def run_search(args) -> int:
-    from tipslab.retrieval.search import DEFAULT_TEMPLATES, Searcher
-
-    from tipslab.retrieval.search import DEFAULT_THRESHOLD, fills_text_context, text_context_length
+    from tipslab.retrieval.search import (
+        DEFAULT_TEMPLATES,
+        DEFAULT_THRESHOLD,
+        Searcher,
+        fills_text_context,
+        text_context_length,
+    )
 
     searcher = Searcher(args.index_dir, device=args.device, model=args.model)
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold

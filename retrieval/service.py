@@ -71,19 +71,20 @@ class LoadedIndex:
 
 def load_indexes(paths, *, model=None, device: str | None = None) -> dict[str, LoadedIndex]:
     """Open each index directory and its model; indexes of the same weights share one model."""
+    from tipslab.retrieval.index_dir import IndexDirectory
+
     loaded: dict[str, LoadedIndex] = {}
     models: dict[str, tuple] = {}
     for path in paths:
-        searcher = Searcher(path, model=model, device=device)
-        index = searcher.index
+        index = IndexDirectory.open(path)
         name = index.path.name
         suffix = 2
         while name in loaded:
             name, suffix = f"{index.path.name}-{suffix}", suffix + 1
         identity = index.manifest["model"].get("sha256") or str(index.path)
         if identity not in models:
-            models[identity] = (searcher.loaded, threading.Lock())
-        searcher._loaded = models[identity][0]  # noqa: SLF001 - share the weights, not a second copy
+            models[identity] = (index.load_model(device, model=model), threading.Lock())
+        searcher = Searcher(index, loaded=models[identity][0])
         _ = searcher.null_vectors, index.index, index.images  # load now: lazy loads would race
         loaded[name] = LoadedIndex(name, searcher, models[identity][1])
     return loaded
