@@ -192,6 +192,8 @@ def test_index_carries_its_model_and_changed_weights_are_refused(tmp_path, capsy
     save_tiny(tmp_path / "m", seed=2)  # same path, retrained: the index still has the weights it was built with
     assert cli("search", tmp_path / "idx", "red circle", "--no-png", "--threshold", "0") == 0
     assert "region(s) for" in capsys.readouterr().out
+    assert cli("search", tmp_path / "idx", "red circle", "--no-png", "--threshold", "1") == 0
+    assert "note: only 0 of the 5 regions asked for reach confidence 1" in capsys.readouterr().out
     with pytest.raises(TipslabError, match="--model .* does not match the model the index"):
         cli("search", tmp_path / "idx", "red circle", "--no-png", "--model", tmp_path / "m")
     shutil.rmtree(tmp_path / "m")

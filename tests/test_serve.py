@@ -173,3 +173,42 @@ def test_concurrent_requests_answer_as_serial_ones(served):
     assert sum(len(v) for v in got.values()) == 32
     for key, answers in got.items():
         assert all(a == serial[key] for a in answers), key
+
+
+@pytest.mark.slow
+def test_tipslab_serve_command_starts_and_refuses_bad_arguments(served, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    index_dir = served[1]["scenes"].index.path
+    cli = [sys.executable, "-m", "tipslab.platform.cli", "serve"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    bad = subprocess.run(cli + [str(tmp_path / "nope")], capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
+    bad = subprocess.run(cli + [str(index_dir), "--port", "70000"], capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and "expected a port number in 1..65535" in bad.stderr
+
+    with socket.socket() as probe:  # a port free right now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(cli + [str(index_dir), "--port", str(port)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline, health = time.monotonic() + 120, None
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5) as response:
+                    health = json.loads(response.read())
+                break
+            except OSError:
+                time.sleep(0.3)
+        assert health == {"status": "ok", "indexes": ["scenes"]}, process.stderr.read() if process.poll() else ""
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+            assert b'id="search-form"' in response.read()
+    finally:
+        process.terminate()
+        out, _ = process.communicate(timeout=30)
+    assert f"serving on http://127.0.0.1:{port}/" in out
