@@ -14,6 +14,9 @@ from tipslab.errors import TipslabError
 from tipslab.retrieval import service
 
 
+MAX_BODY_BYTES = 1 << 20
+
+
 class Region(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image_id: int = Field(ge=0)
@@ -41,6 +44,14 @@ def create_app(indexes: dict):
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
+
+    @app.middleware("http")
+    async def refuse_huge_bodies(request: Request, call_next):
+        # Parsing comes before validation: a 100 MB body would be read and decoded whole first.
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return error(413, f"body: larger than {MAX_BODY_BYTES} bytes")
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_request: Request, exc: RequestValidationError):

@@ -134,6 +134,8 @@ def test_malformed_json_and_bad_image_urls(served):
     assert call(server, "/api/crop/scenes/0?box=1,2")[0] == 400
     assert call(server, "/api/crop/scenes/0?box=a,b,c,d")[1]["error"].startswith("box: expected comma-separated")
     assert call(server, "/api/image/nope/0")[0] == 404
+    status, answer = call(server, "/api/search", raw=json.dumps({"query": "a" * (2 << 20)}).encode())
+    assert status == 413 and answer["error"].startswith("body: larger than")
     assert call(server, "/api/health")[0] == 200  # still answering
 
 
