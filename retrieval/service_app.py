@@ -13,7 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from tipslab.errors import TipslabError
 from tipslab.retrieval import service
 
-
 MAX_BODY_BYTES = 1 << 20
 
 
