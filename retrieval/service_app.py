@@ -1,5 +1,5 @@
 """The FastAPI application of `tipslab serve` (routes, request validation, errors as one-line 4xx),
-and `serve_in_thread` for tests and the load bench. The work itself is in `retrieval.service`.
+and `ServerThread` for tests and the load bench. The work itself is in `retrieval.service`.
 """
 
 from __future__ import annotations
@@ -168,7 +168,3 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.socket.close()
-
-
-def serve_in_thread(indexes: dict) -> ServerThread:
-    return ServerThread(indexes)
