@@ -22,13 +22,23 @@ from __future__ import annotations
 import functools
 import io
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from tipslab.errors import TipslabError
-from tipslab.retrieval.search import DEFAULT_THRESHOLD, Searcher, fills_text_context, text_context_length
+from tipslab.retrieval.search import (
+    DEFAULT_THRESHOLD,
+    Searcher,
+    fills_text_context,
+    logit_scale_of,
+    region_vector,
+    score_map,
+    search_by_vectors,
+    text_context_length,
+)
 from tipslab.retrieval.search_filters import FILTERS, allowed_images
 
 PAGE_DIR = Path(__file__).with_name("page")
@@ -92,8 +102,6 @@ def load_indexes(paths, *, model=None, device: str | None = None) -> dict[str, L
 
 def run_search(served: LoadedIndex, request: dict) -> dict:
     """The JSON answer to a search request (already validated for types by the API layer)."""
-    import time
-
     started = time.perf_counter()
     searcher, index = served.searcher, served.index
     k, notes = request["k"], []
@@ -116,8 +124,6 @@ def run_search(served: LoadedIndex, request: dict) -> dict:
             if fills_text_context(searcher.loaded, query):
                 notes.append(f"the query fills the text tower's context of {text_context_length(searcher.loaded)} "
                              "tokens; the rest was cut off")
-        from tipslab.retrieval.search import logit_scale_of, search_by_vectors
-
         with served.index_lock:
             hits = search_by_vectors(index, vector[None], k, queries=[query], null_vectors=searcher.null_vectors,
                                      logit_scale=logit_scale_of(searcher.loaded), threshold=threshold or None,
@@ -160,7 +166,6 @@ def heatmap_png(served: LoadedIndex, image_id: int, query: str | None, region: l
     from PIL import Image
 
     from tipslab.retrieval.overlay import colormap
-    from tipslab.retrieval.search import region_vector, score_map
 
     index = served.index
     _check_image_id(index, image_id)
