@@ -7,16 +7,6 @@ import argparse
 from tipslab.errors import TipslabError
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"expected a port number in 1..65535, got {value}")
-    return value
-
-
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "serve", help="serve index directories over HTTP: a JSON search API and a search page",
@@ -26,7 +16,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("index_dirs", nargs="+", metavar="INDEX_DIR", help="index directories written by `tipslab index`")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
-    parser.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     parser.add_argument("--model", default=None, metavar="MODEL_PATH",
                         help="the model to embed queries with (default: each index's own copy, else its recorded path)")
     parser.add_argument("--device", default=None, help="torch device (default cuda when present, else cpu)")
@@ -38,6 +28,8 @@ def run_serve(args) -> int:
     from tipslab.retrieval.service import load_indexes
     from tipslab.retrieval.service_app import run
 
+    if not 0 < args.port < 65536:
+        raise TipslabError(f"--port {args.port}: expected a port number in 1..65535")
     indexes = load_indexes(args.index_dirs, model=args.model, device=args.device)
     for served in indexes.values():
         info = served.info()
