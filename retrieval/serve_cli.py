@@ -26,17 +26,19 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_serve(args) -> int:
     from tipslab.retrieval.service import load_indexes
-    from tipslab.retrieval.service_app import run
+    from tipslab.retrieval.service_app import bind, run
 
     if not 0 < args.port < 65536:
         raise TipslabError(f"--port {args.port}: expected a port number in 1..65535")
-    indexes = load_indexes(args.index_dirs, model=args.model, device=args.device)
-    for served in indexes.values():
-        info = served.info()
-        print(f"index {info['name']}: {info['images']} images, {info['vectors']} vectors ({info['path']})")
-    print(f"serving on http://{args.host}:{args.port}/  (API: /api/search, docs: /api/docs; Ctrl-C stops)")
+    sock = bind(args.host, args.port)
     try:
-        run(indexes, host=args.host, port=args.port)
-    except OSError as err:
-        raise TipslabError(f"--port {args.port}: cannot listen on {args.host} ({err.strerror or err})") from None
+        indexes = load_indexes(args.index_dirs, model=args.model, device=args.device)
+        for served in indexes.values():
+            info = served.info()
+            print(f"index {info['name']}: {info['images']} images, {info['vectors']} vectors ({info['path']})")
+        print(f"serving on http://{args.host}:{args.port}/  (API: /api/search, docs: /api/docs; Ctrl-C stops)",
+              flush=True)
+        run(indexes, sock)
+    finally:
+        sock.close()
     return 0

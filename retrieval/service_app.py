@@ -133,10 +133,25 @@ def create_app(indexes: dict):
     return app
 
 
-def run(indexes: dict, host: str = "127.0.0.1", port: int = 8000) -> None:
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on (host, port), or a one-line error: taken before the models load,
+    so a busy port fails at once, and handed to uvicorn, so nothing can take it in between."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as err:
+        raise TipslabError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
+    return sock
+
+
+def run(indexes: dict, sock: socket.socket) -> None:
+    """Serve until interrupted (Ctrl-C) on a socket from `bind`."""
     import uvicorn
 
-    uvicorn.run(create_app(indexes), host=host, port=port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(create_app(indexes), log_level="warning"))
+    server.run(sockets=[sock])
 
 
 class ServerThread:
@@ -145,9 +160,7 @@ class ServerThread:
     def __init__(self, indexes: dict, host: str = "127.0.0.1"):
         import uvicorn
 
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind((host, 0))
+        self.socket = bind(host, 0)
         self.url = f"http://{host}:{self.socket.getsockname()[1]}"
         config = uvicorn.Config(create_app(indexes), log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)

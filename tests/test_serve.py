@@ -192,6 +192,12 @@ def test_tipslab_serve_command_starts_and_refuses_bad_arguments(served, tmp_path
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
     bad = subprocess.run(cli + [str(index_dir), "--port", "70000"], capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2 and "expected a port number in 1..65535" in bad.stderr
+    with socket.socket() as busy:  # a port someone else listens on
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = subprocess.run(cli + [str(index_dir), "--port", str(busy.getsockname()[1])], capture_output=True,
+                               text=True, timeout=120, env=env)
+    assert taken.returncode == 2 and "cannot listen there" in taken.stderr and taken.stderr.count("\n") == 1
 
     with socket.socket() as probe:  # a port free right now
         probe.bind(("127.0.0.1", 0))
