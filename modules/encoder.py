@@ -50,9 +50,13 @@ class ImageTextEncoder(nn.Module):
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         return self.text(ids)
 
-    def similarity(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def similarity(self, image_features, text_features: torch.Tensor) -> torch.Tensor:
         """`[B, M]` probabilities over the texts for each image: softmax(cosine / temperature),
-        the official demo's formula (image features are usually CLS1, texts pooled)."""
+        the official demo's formula (image features are usually CLS1, texts pooled). Inference
+        only (no gradient); a `VisionOutput` stands for its CLS1."""
+        if hasattr(image_features, "cls1"):
+            image_features = image_features.cls1
         image = nn.functional.normalize(image_features, dim=-1)
         text = nn.functional.normalize(text_features, dim=-1)
         return torch.softmax(image @ text.T / self.temperature, dim=-1)

@@ -1,4 +1,4 @@
-"""The `tipslab` console script: train, config, experiments, index, search, embed, eval, probe, predict.
+"""The `tipslab` console script: train, config, experiments, index, search, serve, embed, eval, probe, predict.
 
 Bad input (a `TipslabError`) prints one line and exits 2; anything else is a bug and keeps
 its traceback.
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tipslab", description="Train, track, index and search patch-aligned image-text encoders."
     )
+    from tipslab import __version__
+
+    parser.add_argument("--version", action="version", version=f"tipslab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="pretrain an experiment (experiments/<EXP>.yaml)")
@@ -70,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     config = sub.add_parser("config", help="print an experiment's resolved config")
-    config.add_argument("experiment")
-    config.add_argument("overrides", nargs="*")
+    config.add_argument("experiment", help="experiment name (e.g. tipsv2_tiny) or a .yaml path")
+    config.add_argument("overrides", nargs="*", help="config overrides, key=value")
     config.set_defaults(func=_cmd_config)
 
     probe = sub.add_parser("probe", help="train a dense probe / DPT head on a frozen encoder (experiments/probe_*.yaml)")
@@ -84,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from tipslab.platform import embed, eval_cli, predict
     from tipslab.retrieval import cli as retrieval_cli
+    from tipslab.retrieval import serve_cli
 
     retrieval_cli.add_index_parser(sub)
     retrieval_cli.add_search_parser(sub)
+    serve_cli.add_serve_parser(sub)
     embed.add_parser(sub)
     eval_cli.add_parser(sub)
     predict.add_parser(sub)

@@ -66,6 +66,7 @@ def run_demo(runs: Path, query: str, steps: int | None, k: int) -> int:
     print(f"               open: python -c \"import tipslab; m = tipslab.load_model('{result.model_dir}')\"")
     print(f"  index      : {index_dir}")
     print(f"               open: .venv/bin/tipslab search {index_dir} \"a blue square\"")
+    print(f"               or:   .venv/bin/tipslab serve {index_dir}   then http://127.0.0.1:8000")
     print(f"  pictures   : {pictures}")
     print(f"               open: xdg-open {pictures / 'hits.png'}")
     print(f"  evaluation : {eval_dir / 'eval.md'}  (pictures: pca, zeroshot_seg, query_heatmaps, curves .png)")

@@ -1,7 +1,7 @@
 """`tipslab embed`: image, text and patch embeddings of any loadable model, written to one file.
 
 Inputs: image files or folders (`--images`), a manifest parquet with an image-path column
-(`--manifest`), texts (`--texts`, `--texts-file`). Output by suffix:
+(`--manifest`), texts (`--texts`, `--texts-file`, ``-`` for standard input). Output by suffix:
 
 - `.npz` (read with `allow_pickle=False`): `image_paths`, `image_cls1`, `image_cls2`
   `[N, D]`, with `--patches` `patches [N, h*w, D]` and `patch_grid [2]`, `texts`, `text [M, D]`,
@@ -45,12 +45,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--images", nargs="*", default=[], help="image files and/or folders (searched recursively)")
     parser.add_argument("--manifest", help=f"parquet with a column {' / '.join(MANIFEST_COLUMNS)} (paths relative to it)")
     parser.add_argument("--texts", nargs="*", default=[], help="texts to embed")
-    parser.add_argument("--texts-file", help="a UTF-8 file with one text per line")
+    parser.add_argument("--texts-file", help="a UTF-8 file with one text per line ('-' reads standard input)")
     parser.add_argument("--patches", action="store_true", help="also write patch embeddings")
     parser.add_argument("--dense", action="store_true", help="patches from the last block's value path (segmentation/search)")
     parser.add_argument("--raw", action="store_true", help="do not L2-normalise")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=16, help="images or texts per forward pass (default 16)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--out", required=True, help="output file, .parquet or .npz")
     parser.set_defaults(func=run_embed)
     return parser
@@ -102,6 +103,10 @@ def _manifest_images(manifest: Path) -> list[Path]:
 
 def collect_texts(texts: list[str], texts_file: str | None) -> list[str]:
     out = list(texts)
+    if texts_file == "-":
+        import sys
+
+        return out + [line.strip() for line in sys.stdin.read().splitlines() if line.strip()]
     if texts_file:
         path = Path(texts_file).expanduser()
         if not path.is_file():
@@ -122,11 +127,15 @@ def _read_image(path: Path):
 
 # ------------------------------------------------------------------------------- compute
 def compute_embeddings(loaded, image_paths: list[Path], texts: list[str], *, patches: bool = False,
-                       dense: bool = False, normalize: bool = True, batch_size: int = 16) -> dict:
-    """Embeddings as numpy arrays (the keys of the .npz output)."""
+                       dense: bool = False, normalize: bool = True, batch_size: int = 16,
+                       progress: bool = False) -> dict:
+    """Embeddings as numpy arrays (the keys of the .npz output); ``progress`` shows a bar per kind."""
+    from tqdm.auto import tqdm
+
     dim = loaded.encoder.embed_dim
     norm = (lambda t: torch.nn.functional.normalize(t, dim=-1)) if normalize else (lambda t: t)
     cls1, cls2, patch_rows, grid = [], [], [], None
+    image_bar = tqdm(total=len(image_paths), desc="embed images", unit="img", disable=not progress or not image_paths)
     for start in range(0, len(image_paths), max(batch_size, 1)):
         chunk = image_paths[start : start + batch_size]
         pixels = torch.stack([loaded.preprocess(_read_image(p)) for p in chunk])
@@ -137,9 +146,14 @@ def compute_embeddings(loaded, image_paths: list[Path], texts: list[str], *, pat
             patch_out = loaded.embed_images(pixels, dense=True) if dense else out
             patch_rows.append(norm(patch_out.patches).cpu())
             grid = patch_out.grid
+        image_bar.update(len(chunk))
+    image_bar.close()
     text_rows = []
+    text_bar = tqdm(total=len(texts), desc="embed texts", unit="text", disable=not progress or len(texts) <= batch_size)
     for start in range(0, len(texts), max(batch_size, 1)):
         text_rows.append(norm(loaded.embed_texts(texts[start : start + batch_size])).cpu())
+        text_bar.update(len(texts[start : start + batch_size]))
+    text_bar.close()
 
     def stack(rows, shape):
         return torch.cat(rows).numpy().astype(np.float32) if rows else np.zeros(shape, np.float32)
@@ -210,6 +224,8 @@ def run_embed(args) -> int:
     out = Path(args.out).expanduser()
     if out.suffix not in (".npz", ".parquet"):
         raise TipslabError(f"--out {out}: expected a .npz or .parquet file")
+    if args.batch_size <= 0:
+        raise TipslabError(f"--batch-size: expected a positive integer, got {args.batch_size}")
     image_paths = collect_images(args.images, args.manifest)
     texts = collect_texts(args.texts, args.texts_file)
     if not image_paths and not texts:
@@ -220,7 +236,7 @@ def run_embed(args) -> int:
     loaded = load_model(args.model or args.vision, device=args.device, **official)
     result = compute_embeddings(
         loaded, image_paths, texts, patches=args.patches or args.dense, dense=args.dense,
-        normalize=not args.raw, batch_size=args.batch_size,
+        normalize=not args.raw, batch_size=args.batch_size, progress=not args.quiet,
     )
     (write_npz if out.suffix == ".npz" else write_parquet)(result, out)
     print(f"wrote {len(image_paths)} images, {len(texts)} texts, dim {loaded.encoder.embed_dim} -> {out}")

@@ -18,7 +18,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "eval", help="zero-shot segmentation, retrieval, classification, k-NN and region search numbers",
         description="Evaluate MODEL (a tipslab checkpoint directory, official TIPS files or a release name) "
                     "the way the TIPSv2 paper does, on the built-in scenes or on datasets given with --data.")
-    parser.add_argument("model", metavar="MODEL")
+    parser.add_argument("model", metavar="MODEL", help="tipslab checkpoint directory, official TIPS files or a release name")
     parser.add_argument("--suite", default="all",
                         help=f"comma-separated suites: {','.join(SUITES)} (default all)")
     parser.add_argument("--data", action="append", default=[], metavar="SUITE=PATH",
@@ -32,9 +32,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "tipslab checkpoint, else ./eval-<model name>)")
     parser.add_argument("--mlflow", action="store_true",
                         help="log the numbers and pictures to MLflow (the checkpoint's training run when known)")
-    parser.add_argument("--no-pictures", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--no-pictures", action="store_true", help="write the table only, no PNGs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the evaluation data and sampling (default 0)")
+    parser.add_argument("--device", default=None, help="torch device (default cuda when present, else cpu)")
     parser.add_argument("--text", default=None, help="official models: the text .npz (default: beside MODEL)")
     parser.add_argument("--tokenizer", default=None, help="official models: tokenizer.model (default: beside MODEL)")
     parser.add_argument("--img-size", type=int, default=None, help="resolution the model runs at (official: 448)")

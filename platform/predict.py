@@ -32,14 +32,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("predict", help="depth, surface normals or segmentation with a DPT decoder",
                                    description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="tipslab checkpoint directory, official TIPS files or a release name")
-    parser.add_argument("--task", required=True, choices=["depth", "normals", "seg"])
+    parser.add_argument("--task", required=True, choices=["depth", "normals", "seg"], help="what the decoder predicts")
     parser.add_argument("--decoder", required=True, help="decoder .npz (official layout)")
     parser.add_argument("--images", nargs="+", required=True, help="image files and/or folders")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--layers", type=int, nargs=4, help="block indices fed to the decoder (default: official)")
     parser.add_argument("--img-size", type=int, help="encoder input size (default: the model's)")
     parser.add_argument("--classes", help="seg: a text file of class names, one per line (default: ADE20K-150)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.set_defaults(func=run_predict)
     return parser
 

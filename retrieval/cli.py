@@ -23,6 +23,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
 def add_index_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "index", help="index the patch embeddings of an image collection (FAISS + metadata)",
@@ -38,7 +48,7 @@ def add_index_parser(subparsers) -> argparse.ArgumentParser:
                         help="dense: last block's value path (best patch-text alignment, default); final: output tokens")
     parser.add_argument("--scenes-val", type=_positive_int, default=None, metavar="N",
                         help="number of scenes for SOURCE scenes:val (default 64)")
-    parser.add_argument("--batch-size", type=_positive_int, default=16)
+    parser.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass (default 16)")
     parser.add_argument("--image-size", type=_positive_int, default=None,
                         help="resize images to this square size (multiple of 14; default the model's img_size)")
     parser.add_argument("--device", default=None, help="torch device (default cuda when present, else cpu)")
@@ -109,30 +119,63 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--per-image", type=_positive_int, default=2, help="regions per image at most (default 2)")
     parser.add_argument("--fraction", type=float, default=0.75,
                         help="patch threshold as a fraction of each image's score range (default 0.75)")
+    parser.add_argument("--threshold", type=_unit_float, default=None, metavar="P",
+                        help="keep regions whose confidence (the query's share against background prompts, "
+                             "0..1) is at least P (default 0.5); 0 keeps the top k whatever they score")
+    parser.add_argument("--model", default=None, metavar="MODEL_PATH",
+                        help="the model to embed the query with (default: the index's own copy, else the "
+                             "path it was built from); refused unless it has the index's weights")
     parser.add_argument("--params", default=None, help='FAISS search parameters, e.g. "nprobe=32"')
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, help="torch device (default cuda when present, else cpu)")
     parser.set_defaults(func=run_search)
     return parser
 
 
 def format_table(hits) -> str:
-    rows = [("rank", "score", "box (x0,y0,x1,y1)", "image")]
-    rows += [(str(h.rank), f"{h.score:.4f}", "({},{},{},{})".format(*h.box), h.image_path) for h in hits]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join([r[0].rjust(widths[0]), r[1].rjust(widths[1]), r[2].ljust(widths[2]), r[3]]) for r in rows]
+    rows = [("rank", "score", "conf", "box (x0,y0,x1,y1)", "image")]
+    rows += [(str(h.rank), f"{h.score:.4f}", f"{h.confidence:.3f}", "({},{},{},{})".format(*h.box), h.image_path)
+             for h in hits]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join([r[0].rjust(widths[0]), r[1].rjust(widths[1]), r[2].rjust(widths[2]), r[3].ljust(widths[3]),
+                        r[4]]) for r in rows]
     return "\n".join(lines)
 
 
-def run_search(args) -> int:
-    from tipslab.retrieval.search import DEFAULT_TEMPLATES, Searcher
+def fewer_hits_note(found: int, k: int, threshold: float | None) -> str | None:
+    """What to tell the user when a search returns fewer than k regions."""
+    if found >= k:
+        return None
+    if threshold:
+        return (f"only {found} of the {k} regions asked for reach confidence {threshold:g}"
+                + (": nothing in the index matches well" if found == 0 else "")
+                + " (--threshold 0 shows the best regions anyway)")
+    return f"only {found} of the {k} regions asked for exist in the index"
 
-    searcher = Searcher(args.index_dir, device=args.device)
+
+def run_search(args) -> int:
+    from tipslab.retrieval.search import (
+        DEFAULT_TEMPLATES,
+        DEFAULT_THRESHOLD,
+        Searcher,
+        fills_text_context,
+        text_context_length,
+    )
+
+    searcher = Searcher(args.index_dir, device=args.device, model=args.model)
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     hits = searcher.search(args.query, args.k, templates=None if args.no_templates else DEFAULT_TEMPLATES,
                            candidates=args.candidates, per_image=args.per_image, fraction=args.fraction,
-                           params=args.params)
+                           params=args.params, threshold=threshold or None)
+    if fills_text_context(searcher.loaded, args.query):
+        print(f"note: the query fills the text tower's context of {text_context_length(searcher.loaded)} "
+              "tokens; the rest was cut off")
     print(f"{len(hits)} region(s) for \u201c{args.query}\u201d in {searcher.index.path} "
           f"({searcher.index.num_images} images):")
-    print(format_table(hits))
+    if hits:
+        print(format_table(hits))
+    note = fewer_hits_note(len(hits), args.k, threshold)
+    if note:
+        print(f"note: {note}")
     if hits and not args.no_png:
         from tipslab.retrieval.overlay import slugify, write_overlays
 

@@ -90,7 +90,13 @@ from tipslab.retrieval.index_layout import (
     METADATA_FILE,
     VECTORS_DIR,
 )
-from tipslab.retrieval.model_identity import _default_device, _model_cfg_dict, load_indexed_model, model_identity
+from tipslab.retrieval.model_identity import (
+    _default_device,
+    _model_cfg_dict,
+    bundle_model,
+    load_indexed_model,
+    model_identity,
+)
 from tipslab.retrieval.model_identity import sha256_file as sha256_file  # re-exported: tests import it from here
 from tipslab.retrieval.vector_store import _PartWriter, _VectorStore
 
@@ -126,16 +132,19 @@ def build_index(model_path, source, out_dir, factory: str = "Flat", feature: str
                               total=len(src) or None, progress=progress, desc=f"index {out.name}")
     return write_index(records, out, factory=factory, feature=feature, image_size=size, source=src,
                        model={**identity, "model_cfg": _model_cfg_dict(loaded.model_cfg)},
-                       overwrite=overwrite, train_size=train_size, progress=progress, seed=seed)
+                       overwrite=overwrite, train_size=train_size, progress=progress, seed=seed,
+                       bundle_model_from=model_path)
 
 
 def write_index(records: Iterable[PatchRecord], out_dir, *, factory: str = "Flat", feature: str = "dense",
                 image_size: int, model: dict, source: ImageSource | None = None, overwrite: bool = False,
-                train_size: int | None = None, progress: bool = True, seed: int = 0) -> "IndexDirectory":
+                train_size: int | None = None, progress: bool = True, seed: int = 0,
+                bundle_model_from=None) -> "IndexDirectory":
     """Write an index directory from patch records, however they were computed.
 
     ``model`` is the manifest's model block (`model_identity` + ``model_cfg``): searching by text
     needs it, searching by vectors does not. ``source`` supplies the spec and the skipped images.
+    ``bundle_model_from``: a tipslab checkpoint directory copied into ``model/`` (`bundle_model`).
     """
     out = Path(out_dir).expanduser().resolve()
     _check_out(out, overwrite)
@@ -187,6 +196,8 @@ def write_index(records: Iterable[PatchRecord], out_dir, *, factory: str = "Flat
             "vectors": {"dtype": "float16", "parts": writer.parts},
             "sources": [{"spec": spec, "added": created, "images": len(rows), "skipped": len(skipped)}],
         }
+        if bundle_model_from is not None:
+            manifest["model"] = {**manifest["model"], "bundled": bundle_model(bundle_model_from, tmp)}
         _write_json(tmp / MANIFEST, manifest)
         _fsync_path(tmp)
         _publish(tmp, out)
@@ -359,8 +370,9 @@ class IndexDirectory:
             self._search_index = _to_gpu(self.index)
         return self._search_index
 
-    def load_model(self, device: str | None = None):
-        return load_indexed_model(self.manifest, self.path, device or _default_device())
+    def load_model(self, device: str | None = None, model=None):
+        """The index's model (``model`` overrides where it is loaded from; see `load_indexed_model`)."""
+        return load_indexed_model(self.manifest, self.path, device or _default_device(), model=model)
 
     # -- adding
 

@@ -1,6 +1,6 @@
 """Which model an index was built with: the weights file of a model path, its sha256 and the
-identity block kept in the manifest, and loading that model again for queries, refusing weights
-that changed since the index was built."""
+identity block kept in the manifest, a copy of the model kept inside the index (``model/``), and
+loading that model again for queries, refusing weights that changed since the index was built."""
 
 from __future__ import annotations
 
@@ -56,25 +56,69 @@ def _model_cfg_dict(model_cfg) -> dict | None:
     return json.loads(json.dumps(model_cfg, default=str))
 
 
-def load_indexed_model(manifest: dict, where: Path, device: str | None = None):
-    """The manifest's model, refusing weights that differ from the ones the index was built with."""
+BUNDLED_MODEL = "model"  # the index's own copy of a tipslab checkpoint directory
+
+
+def bundle_model(model_path, index_root: Path) -> bool:
+    """Put the files of a tipslab checkpoint directory under ``index_root/model``, so the index
+    still answers text queries after the model moves or is retrained. Hard links when the
+    filesystem allows (checkpoints are replaced by rename, never rewritten in place, so a link
+    keeps the old weights), copies otherwise. Official files and release names are not copied."""
+    import shutil
+
+    from tipslab.modules.checkpoint import is_checkpoint_dir
+
+    source = Path(model_path).expanduser()
+    if not is_checkpoint_dir(source):
+        return False
+    target = index_root / BUNDLED_MODEL
+    target.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.is_file():
+            try:
+                os.link(item, target / item.name)
+            except OSError:
+                shutil.copy2(item, target / item.name)
+    return True
+
+
+def _check_weights(info: dict, path: Path, where: Path, what: str) -> None:
+    weights = _weights_file(path)
+    if info.get("sha256") and weights is not None:
+        stat = weights.stat()
+        # Hash only when the file looks changed: hashing GBs of weights on every query is slow.
+        if stat.st_size != info.get("bytes") or stat.st_mtime_ns != info.get("mtime_ns"):
+            if sha256_file(weights) != info["sha256"]:
+                raise TipslabError(f"{what} {weights} does not match the model the index at {where} was built with "
+                                   f"(sha256 {info['sha256'][:12]}...); give that model or rebuild the index")
+
+
+def load_indexed_model(manifest: dict, where: Path, device: str | None = None, model=None):
+    """The model the index was built with: ``model`` when given (a path or release name, e.g.
+    `tipslab search --model`), else the index's own copy, else the manifest's path. Weights that
+    differ from the ones the index was built with are refused."""
     from tipslab.modules.api import load_model
 
     info = manifest["model"]
     source = info.get("path") or info.get("source")
-    if info.get("path"):
+    if model is not None:
+        source = str(model)
+        path = Path(source).expanduser()
+        if path.exists():
+            _check_weights(info, path, where, "--model")
+        elif info.get("sha256"):
+            raise TipslabError(f"--model {model}: does not exist (expected the model directory the index "
+                               f"at {where} was built with)")
+    elif (where / BUNDLED_MODEL).is_dir():
+        source = str(where / BUNDLED_MODEL)
+        _check_weights(info, where / BUNDLED_MODEL, where, "the index's copy of its model,")
+    elif info.get("path"):
         path = Path(info["path"])
         if not path.exists():
             raise TipslabError(f"{where}/{MANIFEST}: model.path {path} does not exist any more "
-                               "(the index needs the model it was built with to embed queries)")
-        weights = _weights_file(path)
-        if info.get("sha256") and weights is not None:
-            stat = weights.stat()
-            # Hash only when the file looks changed: hashing GBs of weights on every query is slow.
-            if stat.st_size != info.get("bytes") or stat.st_mtime_ns != info.get("mtime_ns"):
-                if sha256_file(weights) != info["sha256"]:
-                    raise TipslabError(f"{where}/{MANIFEST}: {weights} no longer matches the index's model "
-                                       f"(sha256 {info['sha256'][:12]}...); rebuild the index with `tipslab index`")
+                               "(the index needs the model it was built with to embed queries; "
+                               "pass it with --model)")
+        _check_weights(info, path, where, "model.path")
     loaded = load_model(source)
     if device is not None:
         loaded.encoder.to(device)

@@ -36,7 +36,7 @@ def test_console_script_help_lists_subcommands():
     exe = Path(sys.executable).parent / "tipslab"
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    for command in ("train", "index", "search", "embed"):
+    for command in ("train", "index", "search", "serve", "embed"):
         assert command in out.stdout
 
 
@@ -54,6 +54,8 @@ def test_plain_pip_install_carries_every_folder_and_the_experiments(tmp_path):
     )
     assert build.returncode == 0, build.stderr[-2000:]
     assert not (target / "tipslab" / "platform" / "__init__.py").exists()
+    for page in ("index.html", "app.js", "style.css"):  # the search page of `tipslab serve`
+        assert (target / "tipslab" / "retrieval" / "page" / page).is_file(), page
     probe = (
         "import tipslab, tipslab.platform.config as c, tipslab.retrieval.search, tipslab.datamodules.scenes;"
         "print(c.__file__); print(c.load_config('tipsv2_tiny').model.vision.size)"

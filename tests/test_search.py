@@ -1,5 +1,7 @@
 """Search: answers known by construction on planted vectors, then the whole path with a real model."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -140,10 +142,12 @@ def test_index_scenes_then_search_in_a_fresh_process(tiny_model, tmp_path, capsy
     assert manifest["model"]["model_cfg"]["vision"]["img_size"] == 112 and manifest["feature"] == "dense"
 
     # A fresh process, given only the directory and the text.
-    run = subprocess.run([sys.executable, "-c", FRESH_SEARCH, "search", str(tmp_path / "idx"), "a red circle"],
+    run = subprocess.run([sys.executable, "-c", FRESH_SEARCH, "search", str(tmp_path / "idx"), "a red circle",
+                          "--threshold", "0"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    rows = [line for line in run.stdout.splitlines() if re.match(r"\s*\d+\s+-?\d\.\d{4}\s+\(\d+,\d+,\d+,\d+\)\s+/", line)]
+    rows = [line for line in run.stdout.splitlines()
+            if re.match(r"\s*\d+\s+-?\d\.\d{4}\s+\d\.\d{3}\s+\(\d+,\d+,\d+,\d+\)\s+/", line)]
     assert len(rows) == 5, run.stdout
     for line in rows:
         x0, y0, x1, y1 = map(int, re.search(r"\((\d+),(\d+),(\d+),(\d+)\)", line).groups())
@@ -161,14 +165,14 @@ def test_incremental_add_with_the_model(tiny_model, tmp_path):
 
     cli("index", tiny_model, "scenes:val:4", "--out", tmp_path / "idx", "--quiet")
     searcher = Searcher(tmp_path / "idx")
-    before = searcher.search("a blue square", k=3)
+    before = searcher.search("a blue square", k=3, threshold=None)  # an untrained model: keep the top k
     old_map = {h.image_id: h.heatmap for h in before}
 
     assert cli("index", tiny_model, "scenes:val:6", "--out", tmp_path / "idx", "--add", "--quiet") == 0
     index = IndexDirectory.open(tmp_path / "idx")
     assert (index.num_images, index.num_vectors) == (6, 6 * 64)
     assert index.images["key"].to_list() == [f"scenes:val/{i:06d}" for i in range(6)]
-    after = Searcher(index, loaded=searcher.loaded).search("a blue square", k=6, per_image=1)
+    after = Searcher(index, loaded=searcher.loaded).search("a blue square", k=6, per_image=1, threshold=None)
     assert {h.image_id for h in after} == set(range(6))  # the new images are searchable
     for hit in after:
         if hit.image_id in old_map:  # old images score exactly as before
@@ -179,11 +183,23 @@ def test_incremental_add_with_the_model(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_changed_model_weights_are_refused(tmp_path):
+def test_index_carries_its_model_and_changed_weights_are_refused(tmp_path, capsys):
     model = save_tiny(tmp_path / "m", seed=1)
     cli("index", model, "scenes:val:2", "--out", tmp_path / "idx", "--quiet")
-    save_tiny(tmp_path / "m", seed=2)  # same path, different weights
-    with pytest.raises(TipslabError, match="no longer matches the index's model"):
+    assert sorted(p.name for p in (tmp_path / "idx" / "model").iterdir()) == ["model.safetensors", "model.yaml"]
+    capsys.readouterr()
+    shutil.copytree(model, tmp_path / "moved")  # the model moved elsewhere
+    save_tiny(tmp_path / "m", seed=2)  # same path, retrained: the index still has the weights it was built with
+    assert cli("search", tmp_path / "idx", "red circle", "--no-png", "--threshold", "0") == 0
+    assert "region(s) for" in capsys.readouterr().out
+    assert cli("search", tmp_path / "idx", "red circle", "--no-png", "--threshold", "1") == 0
+    assert "note: only 0 of the 5 regions asked for reach confidence 1" in capsys.readouterr().out
+    with pytest.raises(TipslabError, match="--model .* does not match the model the index"):
+        cli("search", tmp_path / "idx", "red circle", "--no-png", "--model", tmp_path / "m")
+    shutil.rmtree(tmp_path / "m")
+    assert cli("search", tmp_path / "idx", "red circle", "--no-png", "--model", tmp_path / "moved") == 0
+    save_tiny(tmp_path / "idx" / "model", seed=3)  # the copy itself tampered with
+    with pytest.raises(TipslabError, match="the index's copy of its model"):
         cli("search", tmp_path / "idx", "red circle", "--no-png")
     with pytest.raises(TipslabError, match="not a tipslab index directory"):
         cli("search", tmp_path, "red circle")

@@ -23,4 +23,13 @@ def load_model(name_or_path, **kwargs):
     return _load_model(name_or_path, **kwargs)
 
 
-__all__ = ["load_model", "__version__"]
+def search(index_dir, query, k: int = 5, **kwargs):
+    """Top ``k`` regions of an index directory matching a text query, as a polars DataFrame
+    (image, box, score, confidence; ``heatmap=True`` adds the heatmaps). See
+    `tipslab.retrieval.hits_frame.search`."""
+    from tipslab.retrieval.hits_frame import search as _search
+
+    return _search(index_dir, query, k, **kwargs)
+
+
+__all__ = ["load_model", "search", "__version__"]
