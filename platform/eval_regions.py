@@ -1,6 +1,7 @@
 """Region retrieval on scenes val, through the real search path: the split is indexed with the
 `tipslab index` code (`retrieval.index_dir.write_index`), once exact (Flat) and once compressed
-(SQ4 by default), and every object class present is queried by name with `retrieval.search`.
+(SQ4 by default), and every object class present is queried by name with `retrieval.search`,
+scored relative to the background prompts as `tipslab search` scores (no threshold: R@k).
 
 A query is found at k when one of its first k hits is a box of an object of the queried class in
 that image with IoU >= 0.5. R@k is the share of queries found. Chance is measured, not assumed:
@@ -44,7 +45,7 @@ def evaluate_regions(loaded, *, num_images: int, image_size: int, seed: int, fac
     from tipslab.retrieval.extract import extract_patches, open_source
     from tipslab.retrieval.index_dir import write_index
     from tipslab.retrieval.model_identity import _model_cfg_dict
-    from tipslab.retrieval.search import embed_text, search_by_vectors
+    from tipslab.retrieval.search import NULL_PROMPTS, embed_text, logit_scale_of, search_by_vectors
 
     encoder = loaded.encoder
     was_training = encoder.training
@@ -59,6 +60,9 @@ def evaluate_regions(loaded, *, num_images: int, image_size: int, seed: int, fac
             truth.setdefault(obj.class_name, {}).setdefault(f"scenes:val/{i:06d}", []).append(obj.bbox)
     queries = sorted(truth)
     vectors = embed_text(loaded, queries)
+    # As `tipslab search` does: scored relative to the background prompts, every hit kept (R@k).
+    calibration = dict(null_vectors=embed_text(loaded, NULL_PROMPTS, None), logit_scale=logit_scale_of(loaded),
+                       threshold=None)
     rng = np.random.default_rng(seed)
     noise = rng.standard_normal(vectors.shape).astype(np.float32)
     noise /= np.linalg.norm(noise, axis=1, keepdims=True)
@@ -71,10 +75,10 @@ def evaluate_regions(loaded, *, num_images: int, image_size: int, seed: int, fac
         index = write_index(iter(records), root / f"index-{factory.replace(',', '_')}", factory=factory,
                             image_size=image_size, model=model, source=None, overwrite=True, progress=False,
                             seed=seed)
-        hits = search_by_vectors(index, vectors, k, queries=queries)
+        hits = search_by_vectors(index, vectors, k, queries=queries, **calibration)
         out[factory] = recall_of_hits(_per_query(hits, queries), truth, ks)
         if factory == factories[0]:
-            chance_hits = search_by_vectors(index, noise, k, queries=queries)
+            chance_hits = search_by_vectors(index, noise, k, queries=queries, **calibration)
             out["chance"] = recall_of_hits(_per_query(chance_hits, queries), truth, ks)
             out["index"] = str(index.path)
     encoder.train(was_training)

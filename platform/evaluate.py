@@ -8,11 +8,11 @@ objects but not the named one scores high there and low on accuracy (an untraine
 prefers the bright objects over the dark background).
 This is the quantity TIPSv2's recipe (iBOT++, head-only EMA, distillation) is meant to raise.
 
-`calibrated` plays the same game on scores relative to the vocabulary: each patch's similarity
-to a name minus its mean similarity to all the names of the split. Text embeddings share a
-common direction, and a patch that is merely close to it (often the background) otherwise wins
-for every name; segmentation's argmax over classes is blind to that offset, the raw pointing game
-is not. Both are reported.
+`calibrated` plays the same game on scores relative to background prompts, as `tipslab search`
+scores: each patch's cosine to a name minus its mean cosine to `retrieval.search.NULL_PROMPTS`.
+Text embeddings share a direction, and a patch that is merely close to it (often the background)
+otherwise wins for every name; segmentation's argmax over classes is blind to that offset, the
+raw pointing game is not. Both are reported.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class PointingResult:
     chance: float
     any_object: float
     objects: int
-    calibrated: float = float("nan")  # the same with scores relative to the vocabulary's mean
+    calibrated: float = float("nan")  # the same with scores relative to the background prompts
 
 
 def patch_centres(grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -49,23 +49,31 @@ def pointing_hit(similarity: np.ndarray, mask: np.ndarray) -> bool:
 
 
 @torch.no_grad()
-def pointing_game(encoder, tokenizer, scenes, dense: bool = True, batch_size: int = 16) -> PointingResult:
-    """Pointing accuracy of `encoder` over a list of scenes (datamodules.scenes.Scene)."""
+def pointing_game(encoder, tokenizer, scenes, dense: bool = True, batch_size: int = 16,
+                  null_prompts=None) -> PointingResult:
+    """Pointing accuracy of `encoder` over a list of scenes (datamodules.scenes.Scene); `null_prompts`
+    (default: the search's background prompts) are what `calibrated` scores are relative to."""
+    from tipslab.retrieval.search import NULL_PROMPTS
+
     was_training = encoder.training
     encoder.eval()
     device = next((p.device for p in encoder.parameters()), torch.device("cpu"))
     names = sorted({obj.class_name for scene in scenes for obj in scene.objects})
     text = F.normalize(encoder.encode_text(tokenizer(names).to(device)), dim=-1)
+    nulls = list(NULL_PROMPTS if null_prompts is None else null_prompts)
+    null_mean = F.normalize(encoder.encode_text(tokenizer(nulls).to(device)), dim=-1).mean(dim=0)
     column = {name: i for i, name in enumerate(names)}
     hits, areas, any_hits, calibrated_hits = [], [], [], []
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start : start + batch_size]
         images = torch.stack([s.to_tensor() for s in chunk]).to(device)
         out = encoder.encode_image(images, dense=dense)
-        sims = (F.normalize(out.patches, dim=-1) @ text.T).reshape(len(chunk), *out.grid, len(names))
-        for scene, sim in zip(chunk, sims.cpu().numpy()):
+        patches = F.normalize(out.patches, dim=-1)
+        sims = (patches @ text.T).reshape(len(chunk), *out.grid, len(names))
+        background = (patches @ null_mean).reshape(len(chunk), *out.grid, 1)
+        for scene, sim, base in zip(chunk, sims.cpu().numpy(), background.cpu().numpy()):
             union = np.logical_or.reduce([obj.mask for obj in scene.objects])
-            relative = sim - sim.mean(axis=-1, keepdims=True)
+            relative = sim - base
             for obj in scene.objects:
                 hits.append(pointing_hit(sim[..., column[obj.class_name]], obj.mask))
                 calibrated_hits.append(pointing_hit(relative[..., column[obj.class_name]], obj.mask))

@@ -11,6 +11,12 @@ same model's scores for a fixed set of background prompts (`NULL_PROMPTS`): ``co
 softmax over [query, nulls] at the model's temperature, the query's share, in [0, 1]. A region's
 confidence is its best patch's; hits below ``threshold`` (default 0.5: the query beats all the
 background prompts together) are dropped, so a search may return fewer than ``k`` hits, or none.
+With background prompts the patches are also *found and scored* relative to them: the query
+vector becomes ``query - mean(nulls)``, so a patch's score is its cosine to the query minus its
+mean cosine to the background prompts (one vector, so FAISS still does the search). Text
+embeddings share a direction that background patches lie close to; the raw cosine makes those
+patches the best match of every query (on scenes val, 150-step tiny model: pointing 0.17 raw,
+0.52 relative).
 """
 
 from __future__ import annotations
@@ -150,8 +156,15 @@ def confidence_map(index: IndexDirectory, image_id: int, query: np.ndarray, null
     return share.reshape(int(info["grid_h"]), int(info["grid_w"])).astype(np.float32)
 
 
+def relative_query(query: np.ndarray, null_vectors: np.ndarray) -> np.ndarray:
+    """The query vector whose inner product with a normalised patch is the patch's cosine to the
+    query minus its mean cosine to the background prompts, ``[D]`` float32."""
+    return (np.asarray(query, dtype=np.float32) - np.atleast_2d(null_vectors).astype(np.float32).mean(axis=0))
+
+
 def score_map(index: IndexDirectory, image_id: int, query: np.ndarray) -> np.ndarray:
-    """Exact cosine score of every patch of one image, ``[grid_h, grid_w]`` float32."""
+    """Exact score (inner product with the stored, normalised patches: a cosine for a unit query)
+    of every patch of one image, ``[grid_h, grid_w]`` float32."""
     info = index.image_info(image_id)
     scores = index.image_vectors(image_id) @ query.astype(np.float32)
     return scores.reshape(int(info["grid_h"]), int(info["grid_w"]))
@@ -198,13 +211,14 @@ def search_by_vectors(index, query_vectors, k: int = 5, *, queries: Sequence[str
     for qi in range(len(q)):
         if allowed_images is not None and not allowed_images:
             continue
-        image_ids = _candidate_images(index, q[qi : qi + 1], candidates, max_images, k, params, gpu, allowed_images)
+        # Relative to the background prompts (module docstring): found and scored by q - mean(nulls).
+        wanted = q[qi] if nulls is None else relative_query(q[qi], nulls)
+        image_ids = _candidate_images(index, wanted[None], candidates, max_images, k, params, gpu, allowed_images)
         found = []
         for image_id in image_ids:
             info = index.image_info(image_id)
-            heat = score_map(index, image_id, q[qi])
+            heat = score_map(index, image_id, wanted)
             size = (int(info["image_width"]), int(info["image_height"]))
-            kept = []
             share = None if nulls is None else confidence_map(index, image_id, q[qi], nulls, logit_scale)
             kept = []
             for region in find_regions(heat, size, fraction=fraction, margin=margin, reduce=reduce,
@@ -224,7 +238,10 @@ def search_by_vectors(index, query_vectors, k: int = 5, *, queries: Sequence[str
         else:
             found.sort(key=lambda item: (-item[0].score, item[1], item[0].peak))
         if threshold is not None:
-            found = [item for item in found if (item[4] if nulls is not None else item[0].score) >= threshold]
+            # Confidence must beat the threshold (0.5: the query beats the background prompts together;
+            # a tie is no match); a raw score must reach it.
+            found = [item for item in found
+                     if (item[4] > threshold if nulls is not None else item[0].score >= threshold)]
         for rank, (region, image_id, info, heat, confidence) in enumerate(found[:k], start=1):
             hits.append(Hit(
                 rank=rank, query=labels[qi], image_id=image_id, image_key=info["key"],

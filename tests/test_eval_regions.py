@@ -35,6 +35,7 @@ class ColourOracle(torch.nn.Module):
         self.refs = torch.nn.Parameter(torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255.0,
                                        requires_grad=False)
         self.embed_dim = len(COLOURS)
+        self.logit_scale = torch.nn.Parameter(torch.log(torch.tensor([1 / 0.07])), requires_grad=False)
 
     def encode_image(self, images, dense=True):
         pooled = torch.nn.functional.avg_pool2d(images, 14)
@@ -53,9 +54,11 @@ def _oracle_loaded():
 
     colours = list(COLOURS)
 
-    def tokenizer(texts):
-        return torch.nn.functional.one_hot(
-            torch.tensor([next(i for i, c in enumerate(colours) if c in t) for t in texts]), len(colours))
+    def tokenizer(texts):  # the one-hot of the colour word; a text with none (background prompts): zeros
+        return torch.stack([
+            torch.nn.functional.one_hot(torch.tensor(colours.index(c)), len(colours)) if c is not None
+            else torch.zeros(len(colours), dtype=torch.long)
+            for c in (next((c for c in colours if c in t), None) for t in texts)])
 
     return LoadedModel(encoder=ColourOracle(), tokenizer=tokenizer, preprocess=Preprocess(112), model_cfg={})
 

@@ -16,6 +16,15 @@ def test_pointing_hit_checks_the_best_patch_centre_against_the_mask():
     assert not pointing_hit(np.array([[0.9, 0.1], [0.2, 0.3]]), mask)
 
 
+def _colour_tokenizer(texts):
+    """A colour's one-hot; a text naming no colour (a background prompt): zeros."""
+    from tipslab.datamodules.scenes import COLOURS
+
+    colours = list(COLOURS)
+    return torch.stack([torch.nn.functional.one_hot(torch.tensor(colours.index(w)), len(colours)) if w in colours
+                        else torch.zeros(len(colours), dtype=torch.long) for w in (t.split()[0] for t in texts)])
+
+
 class _OracleEncoder(torch.nn.Module):
     """Patch features are closeness to each scene colour; text 'red ...' selects red.
     Not a mock of the code under test: a model whose right answer is known by construction."""
@@ -42,12 +51,7 @@ def test_pointing_game_scores_an_oracle_well_above_chance():
 
     val = ScenesDataset("val", num_images=12, image_size=112, seed=0)
     scenes = [val.scene(i) for i in range(12)]
-    colours = list(COLOURS)
-
-    def tokenizer(names):
-        return torch.nn.functional.one_hot(torch.tensor([colours.index(n.split()[0]) for n in names]), len(colours))
-
-    result = pointing_game(_OracleEncoder(COLOURS), tokenizer, scenes)
+    result = pointing_game(_OracleEncoder(COLOURS), _colour_tokenizer, scenes)
     assert result.objects == sum(len(s.objects) for s in scenes)
     assert 0 < result.chance < 0.3
     assert result.accuracy > 0.6 > 10 * result.chance
@@ -57,7 +61,7 @@ def test_pointing_game_scores_an_oracle_well_above_chance():
 class _OffsetEncoder(_OracleEncoder):
     """The oracle, with a direction every text shares (an extra dimension) and one patch (the
     top-left) lying on it: raw scores send every name to that patch, scores relative to the
-    vocabulary do not."""
+    background prompts (texts that name no colour: the shared direction alone) do not."""
 
     def encode_image(self, images, dense=True):
         out = super().encode_image(images, dense)
@@ -71,19 +75,17 @@ class _OffsetEncoder(_OracleEncoder):
         return torch.cat([ids.float(), torch.ones(len(ids), 1)], dim=-1)
 
 
-def test_calibrated_pointing_ignores_a_patch_close_to_every_name():
+def test_calibrated_pointing_ignores_a_patch_close_to_every_text():
     from tipslab.datamodules.scenes import COLOURS, ScenesDataset
 
     val = ScenesDataset("val", num_images=12, image_size=112, seed=0)
     scenes = [val.scene(i) for i in range(12)]
-    colours = list(COLOURS)
-
-    def tokenizer(names):
-        return torch.nn.functional.one_hot(torch.tensor([colours.index(n.split()[0]) for n in names]), len(colours))
-
-    plain = pointing_game(_OracleEncoder(COLOURS), tokenizer, scenes)
-    offset = pointing_game(_OffsetEncoder(COLOURS), tokenizer, scenes)
-    # Patch 0 (the top-left corner) wins every raw query: only objects covering it are hits.
+    tokenizer = _colour_tokenizer
+    nulls = ["a photo.", "background."]
+    plain = pointing_game(_OracleEncoder(COLOURS), tokenizer, scenes, null_prompts=nulls)
+    offset = pointing_game(_OffsetEncoder(COLOURS), tokenizer, scenes, null_prompts=nulls)
+    # Patch 0 (the top-left corner) wins every raw query: only objects covering it would be hits.
     assert offset.accuracy < 0.2 < plain.accuracy
     assert offset.calibrated > 0.6
-    assert abs(offset.calibrated - plain.calibrated) < 0.1
+    # Without a shared direction, the background prompts (zero vectors) change nothing.
+    assert plain.calibrated == plain.accuracy

@@ -66,7 +66,10 @@ def test_absent_query_with_a_higher_cosine_gives_no_hit_once_calibrated(tmp_path
     assert [(h.query, h.image_id, h.box) for h in kept] == [("present", 2, (14, 14, 28, 28))]
     assert kept[0].confidence > 0.99 and kept[0].score == pytest.approx(0.6, abs=2e-3)
     everything = search_by_vectors(index, absent[None], k=3, null_vectors=nulls, logit_scale=1 / 0.07)
-    assert len(everything) == 3 and all(h.confidence < 0.05 for h in everything)  # no threshold: top k, low
+    # No threshold: top k. Searched relative to the background prompt, the best "absent" region is
+    # the planted patch, where query and background tie (confidence 0.5, not a match); the rest is low.
+    assert len(everything) == 3 and everything[0].image_id == 2 and everything[0].confidence == pytest.approx(0.5)
+    assert all(h.confidence < 0.05 for h in everything[1:])
 
 
 def test_python_api_returns_a_dataframe(tmp_path):
