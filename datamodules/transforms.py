@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
+from tipslab.datamodules.preprocess import Preprocessing
 from tipslab.errors import TipslabError
 
 PATCH_SIZE = 14
@@ -111,15 +112,15 @@ class GlobalCrop:
 
 
 class Resize:
-    """The evaluation view: the whole image resized to ``S x S`` (no randomness)."""
+    """The evaluation view: the whole image resized to ``S x S`` by the one inference
+    preprocessing (`preprocess.Preprocessing`, as embed / index / search use; no randomness)."""
 
     def __init__(self, image_size: int):
         self.image_size = check_image_size(image_size)
+        self.preprocessing = Preprocessing(self.image_size)
 
     def __call__(self, image, rng: np.random.Generator | None = None) -> tuple[torch.Tensor, bool]:
-        pixels = to_tensor(image)
-        out = F.resize(pixels, [self.image_size, self.image_size], antialias=True)
-        return _as_float(out), False
+        return self.preprocessing(image), False
 
 
 class MultiCropViews:
