@@ -24,7 +24,10 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from tipslab.datamodules.caption_fields import CaptionMapping
+from tipslab.datamodules.image_io import MAX_PIXELS
 from tipslab.datamodules.loader import ResumableLoader
+from tipslab.datamodules.sample_quality import QualityGate
 from tipslab.datamodules.masking import BlockMasker
 from tipslab.datamodules.streams import (
     MapBatchStream,
@@ -51,6 +54,11 @@ DEFAULTS = {
     "flip": False,
     "crop_captions": True,
     "shuffle_buffer": 1000,
+    "root": None,
+    "captions": {"alt": None, "short": None, "long": None},
+    "caption_check_samples": 32,
+    "max_image_pixels": MAX_PIXELS,
+    "bad_samples": {"max_share": 0.1, "min_seen": 1000},
 }
 TINY_HINT = "to run the tiny built-in scenes experiment instead: make train EXP=tipsv2_tiny"
 
@@ -101,6 +109,10 @@ class PretrainDataModule(L.LightningDataModule):
             raise TipslabError(f"data.num_workers={cfg['num_workers']}; expected 0 or more")
         if cfg["source"] in ("shards", "manifest"):
             self._check_path()
+        self.caption_mapping = CaptionMapping(dict(cfg["captions"] or {}))
+        bad = {**DEFAULTS["bad_samples"], **dict(cfg["bad_samples"] or {})}
+        QualityGate(bad["max_share"], bad["min_seen"])  # bad values fail here, not at the first batch
+        self._logged_at = -1
         self.processor = SampleProcessor(self.views(), cfg["caption_granularities"], cfg["caption_probs"],
                                          masker=self.masker(), crop_captions=bool(cfg["crop_captions"]))
         # Weak: the trainer holds the loader it trains from; loaders others asked for may go.
@@ -150,10 +162,15 @@ class PretrainDataModule(L.LightningDataModule):
         if cfg["source"] == "manifest":
             from tipslab.datamodules.manifest import ManifestDataset
 
-            return ManifestDataset(cfg["path"])
+            return ManifestDataset(cfg["path"], root=cfg["root"], captions=self.caption_mapping,
+                                   max_pixels=int(cfg["max_image_pixels"]))
         from tipslab.datamodules.shards import ShardDataset
 
-        return ShardDataset(cfg["path"], seed=self.seed, shuffle_buffer=int(cfg["shuffle_buffer"]))
+        shards = ShardDataset(cfg["path"], seed=self.seed, shuffle_buffer=int(cfg["shuffle_buffer"]),
+                              captions=self.caption_mapping, max_pixels=int(cfg["max_image_pixels"]))
+        # A wrong data.captions key fails now, after a few samples, not after an epoch of fallbacks.
+        self.caption_mapping.check_mapping(shards.first_captions(int(cfg["caption_check_samples"])), shards.urls[0])
+        return shards
 
     def train_stream(self, rank: int = 0, world_size: int = 1):
         cfg = self.cfg
@@ -180,6 +197,7 @@ class PretrainDataModule(L.LightningDataModule):
             pin_memory=self.trainer is not None and _on_cuda(self.trainer),
             describe={"seed": self.seed, "batch_size": int(self.cfg["batch_size"]), "world_size": world,
                       "rank": rank, "num_workers": workers, "source": self.cfg["source"]},
+            quality=QualityGate(**{**DEFAULTS["bad_samples"], **dict(self.cfg["bad_samples"] or {})}),
         )
         self._train_loaders.add(loader)
         return loader
@@ -209,5 +227,15 @@ class PretrainDataModule(L.LightningDataModule):
         if trainer is not None and trainer.training:
             for loader in self._train_loaders:
                 if loader.mark_consumed(batch):
+                    self._log_quality(loader)
                     break
         return batch
+
+    def _log_quality(self, loader: ResumableLoader) -> None:
+        """Bad-sample counts to the run's logger (MLflow) every ``trainer.log_every_n_steps``."""
+        trainer = self.trainer
+        step = int(trainer.global_step)
+        if trainer.logger is None or step == self._logged_at or step % max(int(trainer.log_every_n_steps), 1):
+            return
+        self._logged_at = step
+        trainer.logger.log_metrics(loader.quality.metrics(), step=step)

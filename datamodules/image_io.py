@@ -11,7 +11,7 @@ What it does that ``Image.open(...).convert("RGB")`` does not:
 - decodes fully inside the reader, so a truncated file fails here, with a *kind*.
 
 An image that cannot be read raises `UnreadableImage` (a `CorruptSample`) whose ``kind`` is one
-of `UNREADABLE_KINDS`; callers skip it and count it by kind (`SkipCounter`). ``conversions``
+of `UNREADABLE_KINDS`; callers skip it and count it by kind (`sample_quality.SkipCounter`). ``conversions``
 lists what was converted, for the same counters.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -160,36 +159,3 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
             if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # the four orientations that swap axes
                 width, height = height, width
     return int(width), int(height)
-
-
-class SkipCounter:
-    """Samples seen, skipped and converted, by kind; mergeable across workers and batches."""
-
-    def __init__(self):
-        self.seen = 0
-        self.skipped: Counter = Counter()
-        self.converted: Counter = Counter()
-
-    def skip(self, kind: str) -> None:
-        self.seen += 1
-        self.skipped[kind] += 1
-
-    def ok(self, conversions=()) -> None:
-        self.seen += 1
-        self.converted.update(conversions)
-
-    def take(self) -> dict:
-        """The counts since the last ``take`` (a plain dict), then reset: what a batch carries."""
-        out = {"seen": self.seen, "skipped": dict(self.skipped), "converted": dict(self.converted)}
-        self.seen, self.skipped, self.converted = 0, Counter(), Counter()
-        return out
-
-    def add(self, counts: dict | None) -> None:
-        if counts:
-            self.seen += int(counts.get("seen", 0))
-            self.skipped.update(counts.get("skipped", {}))
-            self.converted.update(counts.get("converted", {}))
-
-    @property
-    def total_skipped(self) -> int:
-        return sum(self.skipped.values())

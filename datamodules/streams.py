@@ -34,6 +34,7 @@ import torch
 from tipslab.datamodules.batch import Batch, collate
 from tipslab.datamodules.captions import alt_caption, check_probs, sample_caption
 from tipslab.datamodules.sample import CorruptSample
+from tipslab.datamodules.sample_quality import SkipCounter
 from tipslab.datamodules.shards import ShardDataset
 from tipslab.datamodules.transforms import PATCH_SIZE, mirror_text, to_tensor
 from tipslab.errors import TipslabError
@@ -118,6 +119,7 @@ class MapBatchStream(torch.utils.data.IterableDataset):
         self.epoch, self.start_batch = 0, 0
         self.stream_token: str | None = None
         self.skipped = 0
+        self.counts = SkipCounter()  # since the last batch made; handed to it (`Batch.data_counts`)
 
     def set_position(self, epoch: int, start_batch: int) -> None:
         self.epoch, self.start_batch = int(epoch), int(start_batch)
@@ -138,10 +140,14 @@ class MapBatchStream(torch.utils.data.IterableDataset):
         for step in range(MAX_CONSECUTIVE_CORRUPT):
             candidate = (index + step) % n
             try:
-                return candidate, self.dataset[candidate]
+                sample = self.dataset[candidate]
             except CorruptSample as err:
                 self.skipped += 1
+                self.counts.skip(getattr(err, "kind", "corrupt"))
                 log.warning("data: skipped corrupt sample %d: %s", candidate, err)
+                continue
+            self.counts.ok(sample.pop("_conversions", ()) if isinstance(sample, dict) else ())
+            return candidate, sample
         raise TipslabError(f"data: {MAX_CONSECUTIVE_CORRUPT} consecutive corrupt samples from index {index}; "
                            "the source looks broken")
 
@@ -154,6 +160,7 @@ class MapBatchStream(torch.utils.data.IterableDataset):
             items.append(self.processor(sample, sample_rng(self.seed, epoch, index)))
         out = collate(items, self.tokenizer)
         out.stream_token = self.stream_token
+        out.data_counts = self.counts.take()
         return out
 
     def __iter__(self) -> Iterator[Batch]:
@@ -216,4 +223,6 @@ class ShardBatchStream(torch.utils.data.IterableDataset):
             items = [self.processor(s, sample_rng(self.seed, s["_pass"], key_number(s["key"]))) for s in samples]
             out = collate(items, self.tokenizer)
             out.stream_token = self.stream_token
+            # Counts since the last batch this worker yielded (resumed-over batches' included).
+            out.data_counts = self.shards.counts.take()
             yield out
