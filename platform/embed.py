@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from tipslab.atomic import atomic_write
-from tipslab.datamodules.image_io import IMAGE_EXTENSIONS, SkipCounter, UnreadableImage, is_image_file, read_image
+from tipslab.datamodules.image_io import IMAGE_EXTENSIONS, UnreadableImage, is_image_file, read_image
+from tipslab.datamodules.sample_quality import SkipCounter
 from tipslab.errors import TipslabError
 
 MANIFEST_COLUMNS = ("image_path", "path", "image")
