@@ -78,13 +78,13 @@ def _fields(tree, prefix: str = "json:") -> list[str]:
 class CaptionMapping:
     """``mapping(members) -> captions dict`` for shard samples; ``columns`` for manifests."""
 
-    def __init__(self, mapping: Mapping | None = None):
+    def __init__(self, mapping: Mapping | None = None, shards: bool = True):
         mapping = dict(mapping or {})
         unknown = sorted(set(mapping) - set(GRANULARITIES))
         if unknown:
             raise TipslabError(f"data.captions has {unknown}; expected keys {', '.join(GRANULARITIES)}")
         self.explicit = {g: str(spec) for g, spec in mapping.items() if spec}
-        for granularity, spec in self.explicit.items():
+        for granularity, spec in self.explicit.items() if shards else ():  # manifests: any column name
             if spec != "txt" and not (spec.startswith("json:") and len(spec) > 5):
                 raise TipslabError(f"data.captions.{granularity}={spec!r}; for shards expected 'txt' or "
                                    "'json:<dotted.path>' (e.g. json:captions.short)")

@@ -109,7 +109,7 @@ class PretrainDataModule(L.LightningDataModule):
             raise TipslabError(f"data.num_workers={cfg['num_workers']}; expected 0 or more")
         if cfg["source"] in ("shards", "manifest"):
             self._check_path()
-        self.caption_mapping = CaptionMapping(dict(cfg["captions"] or {}))
+        self.caption_mapping = CaptionMapping(dict(cfg["captions"] or {}), shards=cfg["source"] == "shards")
         bad = {**DEFAULTS["bad_samples"], **dict(cfg["bad_samples"] or {})}
         QualityGate(bad["max_share"], bad["min_seen"])  # bad values fail here, not at the first batch
         self._logged_at = -1
