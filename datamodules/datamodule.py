@@ -3,7 +3,8 @@
 Sources (``data.source``):
 
 - ``scenes``: the built-in seeded scenes (``num_train`` images; nothing to download);
-- ``shards``: a folder (or pattern, or list) of webdataset tars, ``data.path``;
+- ``shards``: a folder (or pattern, or list) of webdataset tars, ``data.path``, or several
+  sources mixed by weight (``data.sources``, ``data.resampled``: mixing.py);
 - ``manifest``: a parquet file with ``image_path`` and caption columns, ``data.path``.
 
 Each sample gets a DINOv2 global crop and two texts: its alt-text for CLS1 and one caption
@@ -55,6 +56,9 @@ DEFAULTS = {
     "crop_captions": True,
     "shuffle_buffer": 1000,
     "root": None,
+    "sources": [],
+    "resampled": False,
+    "epoch_samples": None,
     "captions": {"alt": None, "short": None, "long": None},
     "caption_check_samples": 32,
     "max_image_pixels": MAX_PIXELS,
@@ -107,7 +111,7 @@ class PretrainDataModule(L.LightningDataModule):
                 raise TipslabError(f"data.{key}={cfg[key]}; expected a positive number")
         if int(cfg["num_workers"]) < 0:
             raise TipslabError(f"data.num_workers={cfg['num_workers']}; expected 0 or more")
-        if cfg["source"] in ("shards", "manifest"):
+        if cfg["source"] == "manifest" or (cfg["source"] == "shards" and not cfg["sources"]):
             self._check_path()
         self.caption_mapping = CaptionMapping(dict(cfg["captions"] or {}), shards=cfg["source"] == "shards")
         bad = {**DEFAULTS["bad_samples"], **dict(cfg["bad_samples"] or {})}
@@ -167,7 +171,9 @@ class PretrainDataModule(L.LightningDataModule):
         from tipslab.datamodules.shards import ShardDataset
 
         shards = ShardDataset(cfg["path"], seed=self.seed, shuffle_buffer=int(cfg["shuffle_buffer"]),
-                              captions=self.caption_mapping, max_pixels=int(cfg["max_image_pixels"]))
+                              captions=self.caption_mapping, max_pixels=int(cfg["max_image_pixels"]),
+                              sources=list(cfg["sources"] or []), resampled=bool(cfg["resampled"]),
+                              epoch_samples=cfg["epoch_samples"])
         # A wrong data.captions key fails now, after a few samples, not after an epoch of fallbacks.
         self.caption_mapping.check_mapping(shards.first_captions(int(cfg["caption_check_samples"])), shards.urls[0])
         return shards

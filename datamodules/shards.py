@@ -12,7 +12,7 @@ key; it never stops the stream.
 
 Order is a function of ``(seed, pass)``: the shard list is shuffled per pass, split over
 *slots* (one per rank x data-loader worker), and each slot shuffles its samples through a
-seeded buffer.
+seeded buffer. Several sources, by weight and with resampling: see mixing.py.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import webdataset as wds
 
 from tipslab.datamodules.caption_fields import CaptionMapping, CaptionProblem
 from tipslab.datamodules.image_io import IMAGE_EXTENSIONS, MAX_PIXELS, UnreadableImage, read_image
+from tipslab.datamodules.mixing import ShardSource, check_unweighted, parse_sources, resampled_samples
 from tipslab.datamodules.sample_quality import SkipCounter
 from tipslab.datamodules.shard_writer import SHARD_PATTERN, write_scene_shards, write_shards  # noqa: F401 (re-exported)
 from tipslab.errors import TipslabError
@@ -90,8 +91,22 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, urls_or_dir, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
                  rank: int | None = None, world_size: int | None = None, epoch: int = 0,
-                 captions: CaptionMapping | None = None, max_pixels: int = MAX_PIXELS):
-        self.urls = resolve_shards(urls_or_dir)
+                 captions: CaptionMapping | None = None, max_pixels: int = MAX_PIXELS,
+                 sources=None, resampled: bool = False, epoch_samples: int | None = None):
+        # ``sources`` (``data.sources``) mixes several shard lists; see mixing.py.
+        if sources:
+            self.sources = parse_sources(sources, resolve_shards)
+            self.urls = [u for source in self.sources for u in source.urls]
+        else:
+            self.urls = resolve_shards(urls_or_dir)
+            self.sources = [ShardSource(tuple(self.urls), 1.0, str(urls_or_dir))]
+        self.resampled = bool(resampled)
+        if not self.resampled:
+            check_unweighted(self.sources)
+        elif not epoch_samples or int(epoch_samples) < 1:
+            raise TipslabError(f"data.resampled=true needs data.epoch_samples (samples per pass over all ranks and "
+                               f"workers, open_clip's --train-num-samples); got {epoch_samples}")
+        self.epoch_samples = int(epoch_samples) if epoch_samples else None
         self.seed = int(seed)
         self.shuffle = shuffle
         self.shuffle_buffer = int(shuffle_buffer)
@@ -131,6 +146,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def slot_samples(self, slot: int, num_slots: int, pass_index: int) -> Iterator[dict]:
         """Raw samples (bytes per extension) of ``slot`` out of ``num_slots`` in pass ``pass_index``."""
         self._tar_errors: set[tuple[str, str]] = set()
+        if self.resampled:
+            raw = resampled_samples(self.sources, lambda *parts: derive_seed(self.seed, *parts), slot, num_slots,
+                                    pass_index, self.epoch_samples, self._tar_error)
+            return self._shuffled(raw, slot, pass_index)
         urls = list(self.urls)
         if self.shuffle:
             random.Random(derive_seed(self.seed, pass_index)).shuffle(urls)
@@ -143,6 +162,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         raw = wds.tarfile_samples(iter([{"url": u} for u in mine]), handler=self._tar_error)
         if stride > 1:
             raw = (s for j, s in enumerate(raw) if j % stride == slot)
+        return self._shuffled(raw, slot, pass_index)
+
+    def _shuffled(self, raw: Iterator[dict], slot: int, pass_index: int) -> Iterator[dict]:
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(derive_seed(self.seed, pass_index, slot))
             raw = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)(iter(raw))
@@ -170,7 +192,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.counts.ok(conversions)
         meta = meta or {}
         return {"image": image, "captions": captions, "id": str(meta.get("id", key)), "key": key,
-                "objects": meta.get("objects")}
+                "objects": meta.get("objects"), "source": raw.get("__source__")}
 
     def first_captions(self, count: int = 32) -> list[tuple[dict | None, str | None]]:
         """The caption members of the first ``count`` samples of the first shard (start-up checks)."""
