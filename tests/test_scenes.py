@@ -191,7 +191,8 @@ def test_write_scene_folder(tmp_path):
         write_scene_folder(out, num_images=2, image_size=56)
 
 
-def test_captions_of_a_crop_name_exactly_the_objects_it_shows():
+@pytest.mark.parametrize("granularity", ["short", "long"])
+def test_captions_of_a_crop_name_exactly_the_objects_it_shows(granularity):
     import numpy as np
 
     from tipslab.datamodules.scene_captions import CROP_VISIBLE_SHARE
@@ -200,7 +201,7 @@ def test_captions_of_a_crop_name_exactly_the_objects_it_shows():
     from tipslab.datamodules.transforms import GlobalCrop, crop_params
 
     dataset = ScenesDataset("train", num_images=40, image_size=112, seed=1)
-    processor = SampleProcessor(GlobalCrop(56, scale=(0.1, 0.6)), ("short",))
+    processor = SampleProcessor(GlobalCrop(56, scale=(0.1, 0.6)), (granularity,))
     differs = 0
     for index in range(len(dataset)):
         sample, scene = dataset[index], dataset.scene(index)
@@ -210,6 +211,7 @@ def test_captions_of_a_crop_name_exactly_the_objects_it_shows():
                        if o.mask[top:top + h, left:left + w].sum() >= CROP_VISIBLE_SHARE * o.mask.sum())
         named = [] if item["alt"] == "background" else sorted(item["alt"].split(", "))
         assert named == shown, (index, item["alt"], shown)
+        assert item["granularity"] == granularity
         for name in scene.class_names:
             assert (name in item["caption"].lower()) == (name in shown)
         differs += named != sorted(scene.class_names)
