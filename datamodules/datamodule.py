@@ -54,6 +54,7 @@ DEFAULTS = {
     "masking": {"enabled": False, "probability": 0.5, "ratio": [0.1, 0.5], "min_block": 4},
     "flip": False,
     "crop_captions": True,
+    "caption_crop_scale": {"alt": None, "short": None, "long": [0.8, 1.0]},
     "shuffle_buffer": 1000,
     "root": None,
     "sources": [],
@@ -118,7 +119,8 @@ class PretrainDataModule(L.LightningDataModule):
         QualityGate(bad["max_share"], bad["min_seen"])  # bad values fail here, not at the first batch
         self._logged_at = -1
         self.processor = SampleProcessor(self.views(), cfg["caption_granularities"], cfg["caption_probs"],
-                                         masker=self.masker(), crop_captions=bool(cfg["crop_captions"]))
+                                         masker=self.masker(), crop_captions=bool(cfg["crop_captions"]),
+                                         caption_crop_scale=dict(cfg["caption_crop_scale"] or {}))
         # Weak: the trainer holds the loader it trains from; loaders others asked for may go.
         self._train_loaders: weakref.WeakSet[ResumableLoader] = weakref.WeakSet()
 

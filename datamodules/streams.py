@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from tipslab.datamodules.captions import alt_caption, check_probs, sample_captio
 from tipslab.datamodules.sample import CorruptSample
 from tipslab.datamodules.sample_quality import SkipCounter
 from tipslab.datamodules.shards import ShardDataset
-from tipslab.datamodules.transforms import PATCH_SIZE, mirror_text, to_tensor
+from tipslab.datamodules.transforms import PATCH_SIZE, check_scale, mirror_text, to_tensor
 from tipslab.errors import TipslabError
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,15 @@ class SampleProcessor:
 
     Draw order (fixed, so a seed fixes everything and one-crop configs keep their old batches):
     first global crop, alt-text, caption, then the other global crops, the local crops and the
-    block masks of the global crops.
+    block masks of the global crops. With ``caption_crop_scale`` (user data, whose captions
+    describe the whole image), the texts are drawn first and the first global crop after, at the
+    scale given for the caption's granularity: a long, position-bearing caption gets a near-full
+    crop. Samples that caption their crop (scenes) keep the crop-first order.
     """
 
     def __init__(self, view: Callable, granularities: Sequence[str] = ("short", "long"),
-                 probs: Sequence[float] | None = None, masker=None, crop_captions: bool = True):
+                 probs: Sequence[float] | None = None, masker=None, crop_captions: bool = True,
+                 caption_crop_scale: Mapping | None = None):
         self.view = view
         # Caption the crop, not the image, where the sample can (scenes carry `crop_captions`).
         self.crop_captions = bool(crop_captions)
@@ -72,21 +76,35 @@ class SampleProcessor:
         check_probs(self.granularities, probs)  # fail at construction, not in a worker
         self.probs = None if probs is None else [float(p) for p in probs]
         self.masker = masker
+        self.caption_scales = {g: check_scale(v, f"data.caption_crop_scale.{g}")
+                               for g, v in dict(caption_crop_scale or {}).items() if v is not None}
+
+    def _texts(self, captions: Mapping, rng: np.random.Generator, sample_id: str) -> tuple[str, str, str]:
+        alt = alt_caption(captions, rng, sample_id)
+        granularity, caption = sample_caption(captions, rng, self.granularities, self.probs, sample_id)
+        return alt, granularity, caption
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
         # Decoded to a tensor once, however many crops are cut from it.
         pixels = to_tensor(sample["image"])
-        # A view with `crop` also says which box of the source it shows.
-        image, flipped, *box = (self.view.crop if hasattr(self.view, "crop") else self.view)(pixels, rng)
         sample_id = str(sample["id"])
         captions = sample["captions"]
-        if self.crop_captions and box and sample.get("crop_captions") is not None:
-            captions = sample["crop_captions"](box[0], rng)
-        alt = alt_caption(captions, rng, sample_id)
-        granularity, caption = sample_caption(captions, rng, self.granularities, self.probs, sample_id)
+        crop = self.view.crop if hasattr(self.view, "crop") else None
+        captions_the_crop = self.crop_captions and sample.get("crop_captions") is not None
+        if crop is not None and self.caption_scales and not captions_the_crop:
+            alt, granularity, caption = self._texts(captions, rng, sample_id)
+            image, flipped, *box = crop(pixels, rng, scale=self.caption_scales.get(granularity))
+        else:
+            # A view with `crop` also says which box of the source it shows.
+            image, flipped, *box = (crop or self.view)(pixels, rng)
+            if captions_the_crop and box:
+                captions = sample["crop_captions"](box[0], rng)
+            alt, granularity, caption = self._texts(captions, rng, sample_id)
         if flipped:  # the picture was mirrored: so are its words
             alt, caption = mirror_text(alt), mirror_text(caption)
         item = {"image": image, "alt": alt, "caption": caption, "granularity": granularity, "id": sample_id}
+        if box:
+            item["box"] = box[0]  # (top, left, height, width) of the first global crop in the source
         rest = getattr(self.view, "rest", None)
         if rest is not None:
             more, local = rest(pixels, rng)

@@ -223,3 +223,25 @@ def test_flip_mirrors_image_and_captions_together():
     b = flipping(sample, np.random.default_rng(seed))  # same crop, then mirrored
     assert torch.equal(b["image"], a["image"].flip(-1))
     assert b["alt"] == "star on the right" and b["caption"] == "A star on the right."
+
+
+def test_long_captions_get_near_full_crops_on_user_data():
+    from tipslab.datamodules.streams import SampleProcessor
+
+    image = torch.rand(3, 80, 80)
+    processor = SampleProcessor(GlobalCrop(28, scale=(0.05, 0.2)), ("short", "long"),
+                                caption_crop_scale={"long": (0.9, 1.0)})
+    drawn = set()
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        item = processor({"image": image, "id": "x", "captions": {"short": "s", "long": "A long caption."}}, rng)
+        top, left, h, w = item["box"]
+        drawn.add(item["granularity"])
+        share = h * w / (80 * 80)
+        if item["granularity"] == "long":
+            assert share >= 0.9 * 0.95, share  # rounding of the box sides
+        else:
+            assert share <= 0.2 * 1.1, share
+    assert drawn == {"short", "long"}
+    with pytest.raises(TipslabError, match="data.caption_crop_scale.long"):
+        SampleProcessor(GlobalCrop(28), ("long",), caption_crop_scale={"long": [0.5, 2.0]})
