@@ -32,6 +32,7 @@ from tipslab.datamodules.caption_fields import CaptionMapping, CaptionProblem
 from tipslab.datamodules.image_io import IMAGE_EXTENSIONS, MAX_PIXELS, UnreadableImage, read_image
 from tipslab.datamodules.mixing import ShardSource, check_unweighted, parse_sources, resampled_samples
 from tipslab.datamodules.sample_quality import SkipCounter
+from tipslab.datamodules.scene_captions import StoredSceneCaptions
 from tipslab.datamodules.shard_writer import SHARD_PATTERN, write_scene_shards, write_shards  # noqa: F401 (re-exported)
 from tipslab.errors import TipslabError
 
@@ -191,8 +192,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
             return None
         self.counts.ok(conversions)
         meta = meta or {}
-        return {"image": image, "captions": captions, "id": str(meta.get("id", key)), "key": key,
-                "objects": meta.get("objects"), "source": raw.get("__source__")}
+        sample = {"image": image, "captions": captions, "id": str(meta.get("id", key)), "key": key,
+                  "objects": meta.get("objects"), "source": raw.get("__source__")}
+        if StoredSceneCaptions.usable(meta.get("objects")):  # scenes shards: captions follow the crop
+            sample["crop_captions"] = StoredSceneCaptions(meta["objects"], image.height, image.width)
+        return sample
 
     def first_captions(self, count: int = 32) -> list[tuple[dict | None, str | None]]:
         """The caption members of the first ``count`` samples of the first shard (start-up checks)."""
