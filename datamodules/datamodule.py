@@ -28,6 +28,7 @@ import torch
 from tipslab.datamodules.caption_fields import CaptionMapping
 from tipslab.datamodules.image_io import MAX_PIXELS
 from tipslab.datamodules.loader import ResumableLoader
+from tipslab.datamodules.resolution_stages import ResolutionStages, parse_stages
 from tipslab.datamodules.sample_quality import QualityGate
 from tipslab.datamodules.masking import BlockMasker
 from tipslab.datamodules.streams import (
@@ -54,6 +55,7 @@ DEFAULTS = {
     "masking": {"enabled": False, "probability": 0.5, "ratio": [0.1, 0.5], "min_block": 4},
     "flip": False,
     "crop_captions": True,
+    "resolution_stages": [],
     "caption_crop_scale": {"alt": None, "short": None, "long": [0.8, 1.0]},
     "shuffle_buffer": 1000,
     "root": None,
@@ -118,9 +120,8 @@ class PretrainDataModule(L.LightningDataModule):
         bad = {**DEFAULTS["bad_samples"], **dict(cfg["bad_samples"] or {})}
         QualityGate(bad["max_share"], bad["min_seen"])  # bad values fail here, not at the first batch
         self._logged_at = -1
-        self.processor = SampleProcessor(self.views(), cfg["caption_granularities"], cfg["caption_probs"],
-                                         masker=self.masker(), crop_captions=bool(cfg["crop_captions"]),
-                                         caption_crop_scale=dict(cfg["caption_crop_scale"] or {}))
+        stages = parse_stages(list(cfg["resolution_stages"] or []), self.image_size)
+        self.processor = ResolutionStages(stages, self._processor) if len(stages) > 1 else self._processor(self.image_size)
         # Weak: the trainer holds the loader it trains from; loaders others asked for may go.
         self._train_loaders: weakref.WeakSet[ResumableLoader] = weakref.WeakSet()
 
@@ -133,11 +134,22 @@ class PretrainDataModule(L.LightningDataModule):
         if isinstance(path, str) and "{" not in path and "://" not in path and not Path(path).exists():
             raise TipslabError(f"data.path={path}: the data path is missing (expected {what}); {TINY_HINT}")
 
-    def views(self) -> MultiCropViews:
+    def image_size_at(self, step: int) -> int:
+        """The global crops' size at training step ``step`` (``data.resolution_stages``)."""
+        stages = self.processor
+        return stages.image_size_at(step) if isinstance(stages, ResolutionStages) else self.image_size
+
+    def _processor(self, image_size: int) -> SampleProcessor:
+        cfg = self.cfg
+        return SampleProcessor(self.views(image_size), cfg["caption_granularities"], cfg["caption_probs"],
+                               masker=self.masker(), crop_captions=bool(cfg["crop_captions"]),
+                               caption_crop_scale=dict(cfg["caption_crop_scale"] or {}))
+
+    def views(self, image_size: int | None = None) -> MultiCropViews:
         """The crops of one sample: ``data.global_crops`` and ``data.local_crops`` (DINOv2's multi-crop)."""
         g = {**DEFAULTS["global_crops"], **dict(self.cfg["global_crops"])}
         loc = {**DEFAULTS["local_crops"], **dict(self.cfg["local_crops"])}
-        return MultiCropViews(self.image_size, count=int(g["count"]), scale=tuple(g["scale"]),
+        return MultiCropViews(image_size or self.image_size, count=int(g["count"]), scale=tuple(g["scale"]),
                               local_count=int(loc["count"]), local_size=int(loc["size"]),
                               local_scale=tuple(loc["scale"]), flip=bool(self.cfg["flip"]))
 

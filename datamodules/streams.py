@@ -79,6 +79,10 @@ class SampleProcessor:
         self.caption_scales = {g: check_scale(v, f"data.caption_crop_scale.{g}")
                                for g, v in dict(caption_crop_scale or {}).items() if v is not None}
 
+    def for_batch(self, batch: int) -> SampleProcessor:
+        """The processor of global batch ``batch`` (one for every batch; see `ResolutionStages`)."""
+        return self
+
     def _texts(self, captions: Mapping, rng: np.random.Generator, sample_id: str) -> tuple[str, str, str]:
         alt = alt_caption(captions, rng, sample_id)
         granularity, caption = sample_caption(captions, rng, self.granularities, self.probs, sample_id)
@@ -172,10 +176,11 @@ class MapBatchStream(torch.utils.data.IterableDataset):
     def make_batch(self, epoch: int, batch: int, order: np.ndarray) -> Batch:
         """Batch number ``batch`` (on this rank) of ``epoch``."""
         global_batch = batch * self.world_size + self.rank
+        process = self.processor.for_batch(epoch * self.num_batches + batch)  # the step's image size
         items = []
         for index in order[global_batch * self.batch_size:(global_batch + 1) * self.batch_size]:
             index, sample = self._load(int(index))
-            items.append(self.processor(sample, sample_rng(self.seed, epoch, index)))
+            items.append(process(sample, sample_rng(self.seed, epoch, index)))
         out = collate(items, self.tokenizer)
         out.stream_token = self.stream_token
         out.data_counts = self.counts.take()
@@ -238,7 +243,8 @@ class ShardBatchStream(torch.utils.data.IterableDataset):
         for local, samples in enumerate(self._slot_batches(slot)):
             if local < skip:
                 continue  # already consumed before the resume: decoded, not transformed
-            items = [self.processor(s, sample_rng(self.seed, s["_pass"], key_number(s["key"]))) for s in samples]
+            process = self.processor.for_batch(virtual + local * workers)  # this batch's number on the rank
+            items = [process(s, sample_rng(self.seed, s["_pass"], key_number(s["key"]))) for s in samples]
             out = collate(items, self.tokenizer)
             out.stream_token = self.stream_token
             # Counts since the last batch this worker yielded (resumed-over batches' included).

@@ -245,3 +245,22 @@ def test_long_captions_get_near_full_crops_on_user_data():
     assert drawn == {"short", "long"}
     with pytest.raises(TipslabError, match="data.caption_crop_scale.long"):
         SampleProcessor(GlobalCrop(28), ("long",), caption_crop_scale={"long": [0.5, 2.0]})
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resolution_stage_switches_the_image_size_and_resumes_in_it(num_workers, tmp_path):
+    cfg = {**SCENES, "num_workers": num_workers, "resolution_stages": [{"step": 8, "image_size": 84}]}
+    if num_workers:  # the shard stream (endless) under two worker processes
+        write_scene_shards(ScenesDataset("train", 24, image_size=56, seed=0), tmp_path, samples_per_shard=6)
+        cfg = {**cfg, "source": "shards", "path": str(tmp_path)}
+    data = PretrainDataModule(cfg, TOKENIZER, seed=0)
+    loader = data.train_dataloader()
+    batches = take((b for _ in range(2) for b in loader), 11)  # scenes: two epochs of 6 batches
+    assert [b.images.shape[-1] for b in batches] == [56] * 8 + [84] * 3
+    assert data.image_size_at(7) == 56 and data.image_size_at(8) == 84
+    resumed = PretrainDataModule(cfg, TOKENIZER, seed=0).train_dataloader()
+    resumed.load_state_dict({"epoch": 1, "consumed": 3} if not num_workers else {"epoch": 0, "consumed": 9})
+    again = next(iter(resumed))
+    assert again.images.shape[-1] == 84 and same(again, batches[9])
+    with pytest.raises(TipslabError, match="resolution_stages\\[0\\].image_size=85"):
+        PretrainDataModule({**SCENES, "resolution_stages": [{"step": 3, "image_size": 85}]}, TOKENIZER)
