@@ -89,7 +89,7 @@ def write_folder(folder):
     folder.mkdir()
     files = {"a16.png": awk.png16_grey()[0], "b_rot.png": awk.exif_rotated_png()[0],
              "c_rgba.png": awk.rgba_png()[0], "d_plain.png": awk.encode(Image.fromarray(awk.base_pixels(40, 25)), "PNG"),
-             "e_bad.jpg": awk.truncated_jpeg()}
+             "e_bad.jpg": awk.truncated_jpeg(), "f_bomb.png": awk.bomb_png()}
     for name, data in files.items():
         (folder / name).write_bytes(data)
     return folder
@@ -106,12 +106,13 @@ def test_embed_index_api_and_eval_view_give_the_same_tensor(tmp_path):
     counts = SkipCounter()
     embed_paths, embed_pixels = read_images(paths, Preprocess(size), counts)
     assert [p.name for p in embed_paths] == ["a16.png", "b_rot.png", "c_rgba.png", "d_plain.png"]
-    assert dict(counts.skipped) == {"truncated": 1}
-    with pytest.warns(UserWarning, match="e_bad.jpg"):
+    assert dict(counts.skipped) == {"truncated": 1, "too_large": 1}
+    with pytest.warns(UserWarning) as warned:
         source = open_source(folder, size)
         indexed = {img.path: img for img in source}
+    assert sorted(str(w.message).split(":")[0].rsplit("/", 1)[-1] for w in warned) == ["e_bad.jpg", "f_bomb.png"]
     assert source.preprocessing == Preprocessing(size).describe()
-    assert [s["path"] for s in source.skipped] == [str(folder / "e_bad.jpg")]
+    assert [s["path"] for s in source.skipped] == [str(folder / "e_bad.jpg"), str(folder / "f_bomb.png")]
     for path, pixels in zip(embed_paths, embed_pixels):
         torch.testing.assert_close(indexed[str(path)].pixels, pixels, rtol=0, atol=0)
         upright = read_image(path)
@@ -137,5 +138,5 @@ def test_image_folder_counts_by_kind(tmp_path):
     dataset = ImageFolder(folder, 14)
     with pytest.warns(UserWarning):
         got = [path for path, _ in dataset]
-    assert len(got) == 4 and dataset.counts.skipped == {"truncated": 1}
+    assert len(got) == 4 and dataset.counts.skipped == {"truncated": 1, "too_large": 1}
     assert dataset.counts.converted["high_bit_depth"] == 1 and dataset.counts.converted["exif_rotated"] == 1
