@@ -189,7 +189,9 @@ class PretrainDataModule(L.LightningDataModule):
                               sources=list(cfg["sources"] or []), resampled=bool(cfg["resampled"]),
                               epoch_samples=cfg["epoch_samples"])
         # A wrong data.captions key fails now, after a few samples, not after an epoch of fallbacks.
-        self.caption_mapping.check_mapping(shards.first_captions(int(cfg["caption_check_samples"])), shards.urls[0])
+        for source in shards.sources:  # each source's first shard: sources may be laid out differently
+            url = source.urls[0]
+            self.caption_mapping.check_mapping(shards.first_captions(int(cfg["caption_check_samples"]), url), url)
         return shards
 
     def train_stream(self, rank: int = 0, world_size: int = 1):

@@ -198,10 +198,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
             sample["crop_captions"] = StoredSceneCaptions(meta["objects"], image.height, image.width)
         return sample
 
-    def first_captions(self, count: int = 32) -> list[tuple[dict | None, str | None]]:
-        """The caption members of the first ``count`` samples of the first shard (start-up checks)."""
+    def first_captions(self, count: int = 32, url: str | None = None) -> list[tuple[dict | None, str | None]]:
+        """The caption members of the first ``count`` samples of a shard (default the first; start-up checks)."""
         out = []
-        for raw in wds.tarfile_samples(iter([{"url": self.urls[0]}]), handler=lambda exn: True):
+        for raw in wds.tarfile_samples(iter([{"url": url or self.urls[0]}]), handler=lambda exn: True):
             try:
                 meta, text, _ = self.captions.read_members(raw)
             except CaptionProblem:
