@@ -28,9 +28,9 @@ import torch
 from tipslab.datamodules.caption_fields import CaptionMapping
 from tipslab.datamodules.image_io import MAX_PIXELS
 from tipslab.datamodules.loader import ResumableLoader
+from tipslab.datamodules.masking import BlockMasker
 from tipslab.datamodules.resolution_stages import ResolutionStages, parse_stages
 from tipslab.datamodules.sample_quality import QualityGate
-from tipslab.datamodules.masking import BlockMasker
 from tipslab.datamodules.streams import (
     MapBatchStream,
     SampleProcessor,

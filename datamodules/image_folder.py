@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from tipslab.datamodules.image_io import IMAGE_EXTENSIONS, UnreadableImage, is_image_file, read_image
-from tipslab.datamodules.sample_quality import SkipCounter
 from tipslab.datamodules.preprocess import Preprocessing
+from tipslab.datamodules.sample_quality import SkipCounter
 from tipslab.datamodules.transforms import check_image_size
 from tipslab.errors import TipslabError
 

@@ -5,8 +5,8 @@ import json
 
 import awkward_images as awk
 import lightning as L
-import numpy as np
 import mlflow
+import numpy as np
 import pytest
 import torch
 import webdataset as wds

@@ -10,8 +10,8 @@ from PIL import Image
 
 from tipslab.datamodules.image_folder import ImageFolder
 from tipslab.datamodules.image_io import UnreadableImage, image_size, read_image
-from tipslab.datamodules.sample_quality import SkipCounter
 from tipslab.datamodules.preprocess import Preprocessing
+from tipslab.datamodules.sample_quality import SkipCounter
 from tipslab.datamodules.transforms import Resize
 
 
