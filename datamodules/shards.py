@@ -1,4 +1,4 @@
-"""Reading webdataset tar shards as a seeded, rank/worker-split stream of samples.
+"""Reading webdataset tar shards as a seeded, rank- and worker-split stream of samples.
 
 A shard holds, per sample ``{key}``, an image member (any of `image_io.IMAGE_EXTENSIONS`) and a
 caption member: ``{key}.json`` (``{"id", "captions": {"alt", "short", "long"}, "objects"?}``, the
