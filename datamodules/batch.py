@@ -26,6 +26,9 @@ class Batch:
     captions: list[str] | None = None  # CLS2's caption texts, as sampled
     alt_texts: list[str] | None = None  # CLS1's texts
     granularities: list[str] | None = None  # which granularity each caption came from
+    # Samples read, skipped and converted by kind since the worker's previous batch
+    # (`sample_quality.SkipCounter.take()`); the loader adds them up.
+    data_counts: dict | None = None
 
     @property
     def num_global(self) -> int:

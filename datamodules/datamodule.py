@@ -3,7 +3,8 @@
 Sources (``data.source``):
 
 - ``scenes``: the built-in seeded scenes (``num_train`` images; nothing to download);
-- ``shards``: a folder (or pattern, or list) of webdataset tars, ``data.path``;
+- ``shards``: a folder (or pattern, or list) of webdataset tars, ``data.path``, or several
+  sources mixed by weight (``data.sources``, ``data.resampled``: mixing.py);
 - ``manifest``: a parquet file with ``image_path`` and caption columns, ``data.path``.
 
 Each sample gets a DINOv2 global crop and two texts: its alt-text for CLS1 and one caption
@@ -24,8 +25,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from tipslab.datamodules.caption_fields import CaptionMapping
+from tipslab.datamodules.image_io import MAX_PIXELS
 from tipslab.datamodules.loader import ResumableLoader
 from tipslab.datamodules.masking import BlockMasker
+from tipslab.datamodules.resolution_stages import ResolutionStages, parse_stages
+from tipslab.datamodules.sample_quality import QualityGate
 from tipslab.datamodules.streams import (
     MapBatchStream,
     SampleProcessor,
@@ -50,7 +55,17 @@ DEFAULTS = {
     "masking": {"enabled": False, "probability": 0.5, "ratio": [0.1, 0.5], "min_block": 4},
     "flip": False,
     "crop_captions": True,
+    "resolution_stages": [],
+    "caption_crop_scale": {"alt": None, "short": None, "long": [0.8, 1.0]},
     "shuffle_buffer": 1000,
+    "root": None,
+    "sources": [],
+    "resampled": False,
+    "epoch_samples": None,
+    "captions": {"alt": None, "short": None, "long": None},
+    "caption_check_samples": 32,
+    "max_image_pixels": MAX_PIXELS,
+    "bad_samples": {"max_share": 0.1, "min_seen": 1000},
 }
 TINY_HINT = "to run the tiny built-in scenes experiment instead: make train EXP=tipsv2_tiny"
 
@@ -99,10 +114,14 @@ class PretrainDataModule(L.LightningDataModule):
                 raise TipslabError(f"data.{key}={cfg[key]}; expected a positive number")
         if int(cfg["num_workers"]) < 0:
             raise TipslabError(f"data.num_workers={cfg['num_workers']}; expected 0 or more")
-        if cfg["source"] in ("shards", "manifest"):
+        if cfg["source"] == "manifest" or (cfg["source"] == "shards" and not cfg["sources"]):
             self._check_path()
-        self.processor = SampleProcessor(self.views(), cfg["caption_granularities"], cfg["caption_probs"],
-                                         masker=self.masker(), crop_captions=bool(cfg["crop_captions"]))
+        self.caption_mapping = CaptionMapping(dict(cfg["captions"] or {}), shards=cfg["source"] == "shards")
+        bad = {**DEFAULTS["bad_samples"], **dict(cfg["bad_samples"] or {})}
+        QualityGate(bad["max_share"], bad["min_seen"])  # bad values fail here, not at the first batch
+        self._logged_at = -1
+        stages = parse_stages(list(cfg["resolution_stages"] or []), self.image_size)
+        self.processor = ResolutionStages(stages, self._processor) if len(stages) > 1 else self._processor(self.image_size)
         # Weak: the trainer holds the loader it trains from; loaders others asked for may go.
         self._train_loaders: weakref.WeakSet[ResumableLoader] = weakref.WeakSet()
 
@@ -115,11 +134,22 @@ class PretrainDataModule(L.LightningDataModule):
         if isinstance(path, str) and "{" not in path and "://" not in path and not Path(path).exists():
             raise TipslabError(f"data.path={path}: the data path is missing (expected {what}); {TINY_HINT}")
 
-    def views(self) -> MultiCropViews:
+    def image_size_at(self, step: int) -> int:
+        """The global crops' size at training step ``step`` (``data.resolution_stages``)."""
+        stages = self.processor
+        return stages.image_size_at(step) if isinstance(stages, ResolutionStages) else self.image_size
+
+    def _processor(self, image_size: int) -> SampleProcessor:
+        cfg = self.cfg
+        return SampleProcessor(self.views(image_size), cfg["caption_granularities"], cfg["caption_probs"],
+                               masker=self.masker(), crop_captions=bool(cfg["crop_captions"]),
+                               caption_crop_scale=dict(cfg["caption_crop_scale"] or {}))
+
+    def views(self, image_size: int | None = None) -> MultiCropViews:
         """The crops of one sample: ``data.global_crops`` and ``data.local_crops`` (DINOv2's multi-crop)."""
         g = {**DEFAULTS["global_crops"], **dict(self.cfg["global_crops"])}
         loc = {**DEFAULTS["local_crops"], **dict(self.cfg["local_crops"])}
-        return MultiCropViews(self.image_size, count=int(g["count"]), scale=tuple(g["scale"]),
+        return MultiCropViews(image_size or self.image_size, count=int(g["count"]), scale=tuple(g["scale"]),
                               local_count=int(loc["count"]), local_size=int(loc["size"]),
                               local_scale=tuple(loc["scale"]), flip=bool(self.cfg["flip"]))
 
@@ -150,10 +180,19 @@ class PretrainDataModule(L.LightningDataModule):
         if cfg["source"] == "manifest":
             from tipslab.datamodules.manifest import ManifestDataset
 
-            return ManifestDataset(cfg["path"])
+            return ManifestDataset(cfg["path"], root=cfg["root"], captions=self.caption_mapping,
+                                   max_pixels=int(cfg["max_image_pixels"]))
         from tipslab.datamodules.shards import ShardDataset
 
-        return ShardDataset(cfg["path"], seed=self.seed, shuffle_buffer=int(cfg["shuffle_buffer"]))
+        shards = ShardDataset(cfg["path"], seed=self.seed, shuffle_buffer=int(cfg["shuffle_buffer"]),
+                              captions=self.caption_mapping, max_pixels=int(cfg["max_image_pixels"]),
+                              sources=list(cfg["sources"] or []), resampled=bool(cfg["resampled"]),
+                              epoch_samples=cfg["epoch_samples"])
+        # A wrong data.captions key fails now, after a few samples, not after an epoch of fallbacks.
+        for source in shards.sources:  # each source's first shard: sources may be laid out differently
+            url = source.urls[0]
+            self.caption_mapping.check_mapping(shards.first_captions(int(cfg["caption_check_samples"]), url), url)
+        return shards
 
     def train_stream(self, rank: int = 0, world_size: int = 1):
         cfg = self.cfg
@@ -180,6 +219,7 @@ class PretrainDataModule(L.LightningDataModule):
             pin_memory=self.trainer is not None and _on_cuda(self.trainer),
             describe={"seed": self.seed, "batch_size": int(self.cfg["batch_size"]), "world_size": world,
                       "rank": rank, "num_workers": workers, "source": self.cfg["source"]},
+            quality=QualityGate(**{**DEFAULTS["bad_samples"], **dict(self.cfg["bad_samples"] or {})}),
         )
         self._train_loaders.add(loader)
         return loader
@@ -209,5 +249,15 @@ class PretrainDataModule(L.LightningDataModule):
         if trainer is not None and trainer.training:
             for loader in self._train_loaders:
                 if loader.mark_consumed(batch):
+                    self._log_quality(loader)
                     break
         return batch
+
+    def _log_quality(self, loader: ResumableLoader) -> None:
+        """Bad-sample counts to the run's logger (MLflow) every ``trainer.log_every_n_steps``."""
+        trainer = self.trainer
+        step = int(trainer.global_step)
+        if trainer.logger is None or step == self._logged_at or step % max(int(trainer.log_every_n_steps), 1):
+            return
+        self._logged_at = step
+        trainer.logger.log_metrics(loader.quality.metrics(), step=step)

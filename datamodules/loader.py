@@ -3,7 +3,8 @@
 Lightning saves ``state_dict()`` of a training dataloader that has one into every checkpoint and
 calls ``load_state_dict()`` on the new loader before iterating it (fit loop, "combined_loader").
 The state is ``(epoch, batches consumed in that epoch)``; a loaded state makes the next
-``iter()`` start at exactly the next batch.
+``iter()`` start at exactly the next batch. The loader also adds up the bad-sample counts the
+batches carry (``quality``, a `sample_quality.QualityGate`).
 
 *Consumed* is not *fetched*: Lightning fetches one batch ahead and worker processes prefetch
 more, so counting batches as they leave the data loader would over-count. Two modes:
@@ -21,6 +22,8 @@ import warnings
 
 import torch
 
+from tipslab.datamodules.sample_quality import QualityGate
+
 
 def _as_is(batch):
     # The stream yields finished Batches; module level so spawned workers can pickle it.
@@ -29,7 +32,7 @@ def _as_is(batch):
 
 class ResumableLoader(torch.utils.data.DataLoader):
     def __init__(self, stream, num_workers: int = 0, count_on_yield: bool = True, pin_memory: bool = False,
-                 describe: dict | None = None):
+                 describe: dict | None = None, quality: QualityGate | None = None):
         super().__init__(stream, batch_size=None, num_workers=int(num_workers), collate_fn=_as_is,
                          pin_memory=pin_memory, persistent_workers=False)
         self.stream = stream
@@ -39,6 +42,9 @@ class ResumableLoader(torch.utils.data.DataLoader):
         self.epoch, self.consumed = 0, 0
         # What must match for a saved position to mean the same batches (checked on load).
         self.describe = dict(describe or {})
+        # Bad samples of every batch fetched, added up here in the main process; it raises once
+        # the share of bad samples is over the limit (see sample_quality.py).
+        self.quality = quality if quality is not None else QualityGate(max_share=1.0, min_seen=1)
 
     @property
     def batches_per_epoch(self) -> int | None:
@@ -48,6 +54,7 @@ class ResumableLoader(torch.utils.data.DataLoader):
         self.stream.set_position(self.epoch, self.consumed)
         iterator = super().__iter__()
         for batch in iterator:
+            self.quality.add(getattr(batch, "data_counts", None))
             if self.count_on_yield:
                 self._advance()
             yield batch

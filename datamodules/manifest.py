@@ -1,8 +1,10 @@
-"""A parquet manifest as a map-style source: one row per image, its path and its captions.
+"""A manifest (parquet or CSV) as a map-style source: one row per image, its path and its captions.
 
-Columns: ``image_path`` (absolute, or relative to the manifest's folder) and at least one of
-``alt``, ``short``, ``long`` (null or empty means "this granularity is missing for this row").
-An optional ``id`` column names the samples; otherwise the row number does. Read with polars.
+Columns: ``image_path`` (absolute, or relative to ``root``: by default the manifest's folder)
+and, per granularity, the column `caption_fields.CaptionMapping` names (``data.captions``; by
+default ``alt``, ``short``, ``long``), null or empty meaning "this granularity is missing for
+this row". An optional ``id`` column names the samples; otherwise the row number does. Only the
+needed columns are read (polars' lazy scan). Images go through the one reader (`image_io`).
 """
 
 from __future__ import annotations
@@ -12,39 +14,71 @@ from pathlib import Path
 
 import polars as pl
 import torch
-from PIL import Image
 
+from tipslab.datamodules.caption_fields import GRANULARITIES, CaptionMapping
+from tipslab.datamodules.image_io import MAX_PIXELS, UnreadableImage, read_image
 from tipslab.datamodules.sample import CorruptSample
 from tipslab.errors import TipslabError
 
-CAPTION_COLUMNS = ("alt", "short", "long")
+CAPTION_COLUMNS = GRANULARITIES
+IMAGE_COLUMN = "image_path"
+
+
+class EmptyCaptions(CorruptSample):
+    kind = "empty_caption"
+
+
+def scan_manifest(path: Path) -> pl.LazyFrame:
+    """A lazy frame of a ``.parquet`` or ``.csv`` manifest; a bad file is a TipslabError naming it."""
+    if not path.is_file():
+        raise TipslabError(f"manifest {path}: no such file; expected a parquet or CSV file with columns "
+                           f"{IMAGE_COLUMN} and any of {', '.join(CAPTION_COLUMNS)}")
+    try:
+        if path.suffix.lower() == ".csv":
+            return pl.scan_csv(path, infer_schema=False)  # every column a string: paths and texts
+        return pl.scan_parquet(path)
+    except Exception as err:  # polars raises its own error types for malformed input
+        raise TipslabError(f"manifest {path}: not a readable manifest file ({err})") from err
 
 
 class ManifestDataset(torch.utils.data.Dataset):
     """``dataset[i] -> {"image": PIL RGB, "captions": {...}, "id": str}``; raises `CorruptSample`."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, root: str | os.PathLike | None = None,
+                 captions: CaptionMapping | None = None, max_pixels: int = MAX_PIXELS):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise TipslabError(f"manifest {self.path}: no such file; expected a parquet file with columns "
-                               f"image_path and any of {', '.join(CAPTION_COLUMNS)}")
+        self.max_pixels = int(max_pixels)
+        mapping = captions or CaptionMapping()
+        frame = scan_manifest(self.path)
         try:
-            frame = pl.read_parquet(self.path)
-        except Exception as err:  # polars raises its own error types for non-parquet input
-            raise TipslabError(f"manifest {self.path}: not a readable parquet file ({err})") from err
-        if "image_path" not in frame.columns:
-            raise TipslabError(f"manifest {self.path}: missing column 'image_path' (has: {', '.join(frame.columns)})")
-        self.caption_columns = [c for c in CAPTION_COLUMNS if c in frame.columns]
+            columns = frame.collect_schema().names()
+        except Exception as err:  # polars reads the header/footer here
+            kind = "CSV" if self.path.suffix.lower() == ".csv" else "parquet"
+            raise TipslabError(f"manifest {self.path}: not a readable {kind} file ({err})") from err
+        if IMAGE_COLUMN not in columns:
+            raise TipslabError(f"manifest {self.path}: missing column '{IMAGE_COLUMN}' (has: {', '.join(columns)})")
+        wanted = {g: mapping.column(g) for g in GRANULARITIES}
+        wrong = {g: c for g, c in wanted.items() if g in mapping.explicit and c not in columns}
+        if wrong:
+            g, c = next(iter(wrong.items()))
+            raise TipslabError(f"manifest {self.path}: data.captions.{g}={c!r} is not a column (has: {', '.join(columns)})")
+        self.caption_columns = {g: c for g, c in wanted.items() if c in columns}
         if not self.caption_columns:
             raise TipslabError(f"manifest {self.path}: no caption column; expected at least one of "
-                               f"{', '.join(CAPTION_COLUMNS)} (has: {', '.join(frame.columns)})")
-        if frame.height == 0:
+                               f"{', '.join(CAPTION_COLUMNS)} or a data.captions mapping (has: {', '.join(columns)})")
+        keep = [IMAGE_COLUMN, *dict.fromkeys(self.caption_columns.values())] + (["id"] if "id" in columns else [])
+        try:
+            table = frame.select(keep).collect()
+        except Exception as err:
+            raise TipslabError(f"manifest {self.path}: cannot read its rows ({err})") from err
+        if table.height == 0:
             raise TipslabError(f"manifest {self.path}: has no rows")
-        self.root = self.path.parent
-        self.image_paths = frame["image_path"].cast(pl.String).to_list()
-        self.ids = frame["id"].cast(pl.String).to_list() if "id" in frame.columns else [
-            f"{i:08d}" for i in range(frame.height)]
-        self.captions = frame.select(self.caption_columns).to_dicts()
+        self.root = Path(root) if root else self.path.parent
+        self.image_paths = table[IMAGE_COLUMN].cast(pl.String).to_list()
+        self.ids = table["id"].cast(pl.String).to_list() if "id" in table.columns else [
+            f"{i:08d}" for i in range(table.height)]
+        self.captions = [{g: row[c] for g, c in self.caption_columns.items()}
+                         for row in table.select(list(dict.fromkeys(self.caption_columns.values()))).to_dicts()]
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -52,14 +86,12 @@ class ManifestDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         raw = self.image_paths[index]
         if raw is None:
-            raise CorruptSample(f"manifest {self.path} row {index}: image_path is null")
+            raise UnreadableImage(f"manifest {self.path} row {index}", "missing_file", "image_path is null")
         path = Path(raw) if os.path.isabs(raw) else self.root / raw
         captions = {k: v for k, v in self.captions[index].items() if isinstance(v, str) and v.strip()}
         if not captions:
-            raise CorruptSample(f"manifest {self.path} row {index} ({self.ids[index]}): every caption is empty")
-        try:
-            with Image.open(path) as handle:
-                image = handle.convert("RGB")
-        except Exception as err:  # missing file or corrupt data: PIL raises many types
-            raise CorruptSample(f"manifest {self.path} row {index}: cannot read image {path} ({err})") from err
-        return {"image": image, "captions": captions, "id": self.ids[index]}
+            raise EmptyCaptions(f"manifest {self.path} row {index} ({self.ids[index]}): every caption is empty")
+        conversions: list[str] = []
+        image = read_image(path, name=f"manifest {self.path} row {index}: {path}", max_pixels=self.max_pixels,
+                           conversions=conversions)
+        return {"image": image, "captions": captions, "id": self.ids[index], "_conversions": conversions}

@@ -2,7 +2,8 @@
 
 ``alt`` names the objects, ``short`` lists them in a sentence, ``long`` adds size, texture,
 position (the 3x3 cell of the picture) and relations. `captions_in_box` captions a crop: only
-the objects it shows, positions in its frame, so a caption never names what the crop cut out.
+the objects it shows, positions in its frame, so a caption never names what the crop cut out;
+scenes read back from shards caption their crops the same way (`StoredSceneCaptions`).
 """
 
 from __future__ import annotations
@@ -110,3 +111,34 @@ class SceneCropCaptions:
 
     def __call__(self, box: tuple[int, int, int, int], rng: np.random.Generator) -> dict:
         return captions_in_box(self.objects, box, rng)
+
+
+class StoredSceneCaptions:
+    """`SceneCropCaptions` of a scene read back from a shard (`shard_writer.write_scene_shards`'s
+    ``objects`` records with ``mask_rle``); the masks are decoded on first use, in the worker."""
+
+    def __init__(self, records: list[dict], height: int, width: int):
+        self.records, self.height, self.width = records, int(height), int(width)
+        self._objects: list[SceneObject] | None = None
+
+    @staticmethod
+    def usable(records) -> bool:
+        return isinstance(records, list) and bool(records) and all(
+            isinstance(r, dict) and {"class_name", "mask_rle", "bbox"} <= set(r) for r in records)
+
+    def objects(self) -> list[SceneObject]:
+        if self._objects is None:
+            from tipslab.datamodules.scenes import SceneObject
+            from tipslab.datamodules.scenes_export import rle_decode
+
+            self._objects = []
+            for r in self.records:
+                *colour, shape = str(r["class_name"]).split(" ")
+                self._objects.append(SceneObject(
+                    class_name=r["class_name"], shape=shape, colour=" ".join(colour), size=r.get("size", ""),
+                    texture=r.get("texture", ""), mask=rle_decode(r["mask_rle"], self.height, self.width),
+                    bbox=tuple(r["bbox"]), position=r.get("position", "")))
+        return self._objects
+
+    def __call__(self, box: tuple[int, int, int, int], rng: np.random.Generator) -> dict:
+        return captions_in_box(self.objects(), box, rng)

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tipslab.datamodules.image_io import IMAGE_EXTENSIONS
 from tipslab.errors import TipslabError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CLASS_FILE = "classes.txt"
 
 

@@ -1,146 +1,45 @@
-"""WebDataset tar shards: write them, and read them back as a seeded, rank/worker-split stream.
+"""Reading webdataset tar shards as a seeded, rank- and worker-split stream of samples.
 
-A shard ``shard-000000.tar`` holds, per sample ``{key}``:
+A shard holds, per sample ``{key}``, an image member (any of `image_io.IMAGE_EXTENSIONS`) and a
+caption member: ``{key}.json`` (``{"id", "captions": {"alt", "short", "long"}, "objects"?}``, the
+layout `shard_writer` writes) and/or ``{key}.txt`` (img2dataset's layout); which fields feed which
+granularity is `caption_fields.CaptionMapping` (``data.captions``).
 
-- ``{key}.png`` (or ``.jpg``/``.jpeg``/``.webp``): the image;
-- ``{key}.json``: ``{"id": ..., "captions": {"alt": ..., "short": ..., "long": ...}, "objects": [...]}``
-  (``objects`` optional). A caption value may be a string or a list of strings. A sample with
-  only a ``{key}.txt`` (img2dataset's layout) is read with that text as its ``alt`` caption.
-
-Reading uses webdataset's tar iteration and grouping. A sample whose image does not decode, whose
-caption json is missing or not valid, or a tar that is truncated, is skipped, counted in
-``ShardDataset.skipped`` and logged with its key; it never stops the stream.
+Reading uses webdataset's tar iteration and grouping. Images go through the one reader
+(`image_io.read_image`: EXIF, 16-bit, alpha, bomb guard). A sample that cannot be used, or a tar
+that is truncated, is skipped, counted by kind in ``ShardDataset.counts`` and logged with its
+key; it never stops the stream.
 
 Order is a function of ``(seed, pass)``: the shard list is shuffled per pass, split over
 *slots* (one per rank x data-loader worker), and each slot shuffles its samples through a
-seeded buffer.
+seeded buffer. Several sources, by weight and with resampling: see mixing.py.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import os
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 
+from tipslab.datamodules.caption_fields import CaptionMapping, CaptionProblem
+from tipslab.datamodules.image_io import IMAGE_EXTENSIONS, MAX_PIXELS, UnreadableImage, read_image
+from tipslab.datamodules.mixing import ShardSource, check_unweighted, parse_sources, resampled_samples
+from tipslab.datamodules.sample_quality import SkipCounter
+from tipslab.datamodules.scene_captions import StoredSceneCaptions
+from tipslab.datamodules.shard_writer import SHARD_PATTERN, write_scene_shards, write_shards  # noqa: F401 (re-exported)
 from tipslab.errors import TipslabError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-SHARD_PATTERN = "shard-{:06d}.tar"
-
-
-# -- writing ----------------------------------------------------------------------------------
-
-
-def _image_bytes(image, fmt: str) -> bytes:
-    """PNG/JPEG bytes of a PIL image, a uint8 [H,W,3] array or a float [3,H,W] tensor in [0,1]."""
-    if isinstance(image, torch.Tensor):
-        image = (image.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    if not isinstance(image, Image.Image):
-        raise TipslabError(f"write_shards: image of type {type(image).__name__}; expected PIL, uint8 array or tensor")
-    buffer = io.BytesIO()
-    if fmt == "png":
-        image.convert("RGB").save(buffer, format="PNG")
-    else:
-        image.convert("RGB").save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
-
-
-def _tar_key(sample_id: str) -> str:
-    # webdataset splits a member name at the first dot of its basename: keys must have none.
-    return re.sub(r"[^A-Za-z0-9_\-]", "_", sample_id)
-
-
-def write_shards(samples: Iterable[dict], out_dir: str | os.PathLike, samples_per_shard: int = 1000,
-                 image_format: str = "png") -> list[Path]:
-    """Write ``samples`` (dicts with ``id``, ``image``, ``captions`` and optional ``objects``) as shards.
-
-    Each shard is written to a temporary name and renamed when complete, so a reader never sees a
-    partial shard. Returns the shard paths in order.
-    """
-    if image_format not in ("png", "jpg"):
-        raise TipslabError(f"write_shards: image_format={image_format!r}; expected 'png' or 'jpg'")
-    if samples_per_shard < 1:
-        raise TipslabError(f"write_shards: samples_per_shard={samples_per_shard}; expected at least 1")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    writer, tmp, count = None, None, 0
-    seen: set[str] = set()
-
-    def close() -> None:
-        nonlocal writer
-        if writer is not None:
-            writer.close()
-            final = out / SHARD_PATTERN.format(len(paths))
-            os.replace(tmp, final)
-            paths.append(final)
-            writer = None
-
-    try:
-        for sample in samples:
-            for field in ("id", "image", "captions"):
-                if field not in sample:
-                    raise TipslabError(f"write_shards: a sample lacks {field!r}; expected id, image and captions")
-            key = _tar_key(str(sample["id"]))
-            if key in seen:
-                raise TipslabError(f"write_shards: sample id {sample['id']!r} gives key {key!r} twice; "
-                                   "ids must be unique")
-            seen.add(key)
-            if writer is None:
-                tmp = out / f".{SHARD_PATTERN.format(len(paths))}.tmp"
-                # mtime fixed: the same samples give byte-identical shards.
-                writer = wds.TarWriter(str(tmp), encoder=False, mtime=0)
-                count = 0
-            meta = {"id": str(sample["id"]), "captions": sample["captions"]}
-            if sample.get("objects") is not None:
-                meta["objects"] = sample["objects"]
-            writer.write({
-                "__key__": key,
-                image_format: _image_bytes(sample["image"], image_format),
-                "json": json.dumps(meta).encode("utf-8"),
-            })
-            count += 1
-            if count >= samples_per_shard:
-                close()
-        close()
-    finally:
-        if writer is not None:  # an error mid-shard: leave no temporary file behind
-            writer.close()
-            Path(tmp).unlink(missing_ok=True)
-    return paths
-
-
-def write_scene_shards(dataset, out_dir: str | os.PathLike, samples_per_shard: int = 1000,
-                       with_objects: bool = True, image_format: str = "png") -> list[Path]:
-    """Write a `ScenesDataset` as shards, with per-object metadata (class, box, mask runs) if asked."""
-    from tipslab.datamodules.scenes_export import rle_encode
-
-    def samples():
-        for index in range(len(dataset)):
-            scene = dataset.scene(index)
-            objects = None
-            if with_objects:
-                objects = [{"class_name": o.class_name, "bbox": list(o.bbox), "position": o.position,
-                            "size": o.size, "texture": o.texture, "mask_rle": rle_encode(o.mask)}
-                           for o in scene.objects]
-            yield {"id": scene.id, "image": scene.image, "captions": scene.captions, "objects": objects}
-
-    return write_shards(samples(), out_dir, samples_per_shard=samples_per_shard, image_format=image_format)
+# Tar member extensions of an image: the one extension list, without dots.
+IMAGE_MEMBERS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -192,21 +91,40 @@ class ShardDataset(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, urls_or_dir, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
-                 rank: int | None = None, world_size: int | None = None, epoch: int = 0):
-        self.urls = resolve_shards(urls_or_dir)
+                 rank: int | None = None, world_size: int | None = None, epoch: int = 0,
+                 captions: CaptionMapping | None = None, max_pixels: int = MAX_PIXELS,
+                 sources=None, resampled: bool = False, epoch_samples: int | None = None):
+        # ``sources`` (``data.sources``) mixes several shard lists; see mixing.py.
+        if sources:
+            self.sources = parse_sources(sources, resolve_shards)
+            self.urls = [u for source in self.sources for u in source.urls]
+        else:
+            self.urls = resolve_shards(urls_or_dir)
+            self.sources = [ShardSource(tuple(self.urls), 1.0, str(urls_or_dir))]
+        self.resampled = bool(resampled)
+        if not self.resampled:
+            check_unweighted(self.sources)
+        elif not epoch_samples or int(epoch_samples) < 1:
+            raise TipslabError(f"data.resampled=true needs data.epoch_samples (samples per pass over all ranks and "
+                               f"workers, open_clip's --train-num-samples); got {epoch_samples}")
+        self.epoch_samples = int(epoch_samples) if epoch_samples else None
         self.seed = int(seed)
         self.shuffle = shuffle
         self.shuffle_buffer = int(shuffle_buffer)
         self.rank, self.world_size = rank, world_size
         self.epoch = int(epoch)
-        self.skipped = 0
+        self.captions = captions or CaptionMapping()
+        self.max_pixels = int(max_pixels)
+        self.counts = SkipCounter()  # since the last `counts.take()` (a batch stream takes them per batch)
+        self.skipped = 0  # in this process, ever
         self.skipped_samples: list[tuple[str, str]] = []  # (key or url, reason)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     # -- corrupt input ------------------------------------------------------------------------
-    def _skip(self, where: str, reason: str) -> None:
+    def _skip(self, where: str, reason: str, kind: str) -> None:
+        self.counts.skip(kind)
         self.skipped += 1
         self.skipped_samples.append((where, reason))
         log.warning("shards: skipped %s: %s", where, reason)
@@ -222,13 +140,17 @@ class ShardDataset(torch.utils.data.IterableDataset):
         message = str(exn.args[0]).split(" @ ")[0] if exn.args else type(exn).__name__
         if (url, message) not in self._tar_errors:
             self._tar_errors.add((url, message))
-            self._skip(f"shard {url}", f"unreadable tar data, rest of the shard skipped ({message})")
+            self._skip(f"shard {url}", f"unreadable tar data, rest of the shard skipped ({message})", "bad_tar")
         return True
 
     # -- order --------------------------------------------------------------------------------
     def slot_samples(self, slot: int, num_slots: int, pass_index: int) -> Iterator[dict]:
         """Raw samples (bytes per extension) of ``slot`` out of ``num_slots`` in pass ``pass_index``."""
         self._tar_errors: set[tuple[str, str]] = set()
+        if self.resampled:
+            raw = resampled_samples(self.sources, lambda *parts: derive_seed(self.seed, *parts), slot, num_slots,
+                                    pass_index, self.epoch_samples, self._tar_error)
+            return self._shuffled(raw, slot, pass_index)
         urls = list(self.urls)
         if self.shuffle:
             random.Random(derive_seed(self.seed, pass_index)).shuffle(urls)
@@ -241,46 +163,53 @@ class ShardDataset(torch.utils.data.IterableDataset):
         raw = wds.tarfile_samples(iter([{"url": u} for u in mine]), handler=self._tar_error)
         if stride > 1:
             raw = (s for j, s in enumerate(raw) if j % stride == slot)
+        return self._shuffled(raw, slot, pass_index)
+
+    def _shuffled(self, raw: Iterator[dict], slot: int, pass_index: int) -> Iterator[dict]:
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(derive_seed(self.seed, pass_index, slot))
             raw = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)(iter(raw))
         return raw
 
     def decode(self, raw: dict) -> dict | None:
-        """The sample of one raw tar group, or None (skipped and counted) if it is corrupt."""
+        """The sample of one raw tar group, or None (skipped and counted by kind) if it is unusable."""
         key = raw.get("__key__", "?")
         where = f"sample {key} in {raw.get('__url__', '?')}"
-        ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+        ext = next((e for e in IMAGE_MEMBERS if e in raw), None)
         if ext is None:
-            self._skip(where, f"no image (expected one of .{', .'.join(IMAGE_EXTENSIONS)})")
-            return None
-        if "json" in raw:
-            try:
-                meta = json.loads(raw["json"].decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                self._skip(where, f"caption json is not valid json ({err})")
-                return None
-            captions = meta.get("captions") if isinstance(meta, dict) else None
-            if not isinstance(captions, dict) or not any(_has_text(v) for v in captions.values()):
-                self._skip(where, "caption json has no 'captions' object with at least one text")
-                return None
-        elif "txt" in raw:
-            meta = {}
-            captions = {"alt": raw["txt"].decode("utf-8", errors="replace").strip()}
-            if not captions["alt"]:
-                self._skip(where, "empty .txt caption")
-                return None
-        else:
-            self._skip(where, "missing caption json")
+            self._skip(where, f"no image (expected one of .{', .'.join(IMAGE_MEMBERS)})", "no_image")
             return None
         try:
-            with Image.open(io.BytesIO(raw[ext])) as handle:
-                image = handle.convert("RGB")  # convert() forces a full decode here, inside the try
-        except Exception as err:  # PIL raises many types for corrupt data
-            self._skip(where, f"image does not decode ({type(err).__name__}: {err})")
+            meta, text, conversions = self.captions.read_members(raw)
+            captions = self.captions.captions(meta, text)
+        except CaptionProblem as err:
+            self._skip(where, str(err), err.kind)
             return None
-        return {"image": image, "captions": captions, "id": str(meta.get("id", key)), "key": key,
-                "objects": meta.get("objects")}
+        try:
+            image = read_image(raw[ext], name=f".{ext} member", max_pixels=self.max_pixels, conversions=conversions)
+        except UnreadableImage as err:
+            self._skip(where, str(err), err.kind)
+            return None
+        self.counts.ok(conversions)
+        meta = meta or {}
+        sample = {"image": image, "captions": captions, "id": str(meta.get("id", key)), "key": key,
+                  "objects": meta.get("objects"), "source": raw.get("__source__")}
+        if StoredSceneCaptions.usable(meta.get("objects")):  # scenes shards: captions follow the crop
+            sample["crop_captions"] = StoredSceneCaptions(meta["objects"], image.height, image.width)
+        return sample
+
+    def first_captions(self, count: int = 32, url: str | None = None) -> list[tuple[dict | None, str | None]]:
+        """The caption members of the first ``count`` samples of a shard (default the first; start-up checks)."""
+        out = []
+        for raw in wds.tarfile_samples(iter([{"url": url or self.urls[0]}]), handler=lambda exn: True):
+            try:
+                meta, text, _ = self.captions.read_members(raw)
+            except CaptionProblem:
+                continue
+            out.append((meta, text))
+            if len(out) >= count:
+                break
+        return out
 
     def samples(self, slot: int, num_slots: int, pass_index: int) -> Iterator[dict]:
         """Decoded, valid samples of one slot in one pass."""
@@ -297,10 +226,3 @@ class ShardDataset(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         yield from self.samples(rank * workers + worker, world * workers, self.epoch)
 
-
-def _has_text(value) -> bool:
-    if isinstance(value, str):
-        return bool(value.strip())
-    if isinstance(value, list):
-        return any(isinstance(v, str) and v.strip() for v in value)
-    return False

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,8 +34,9 @@ import torch
 from tipslab.datamodules.batch import Batch, collate
 from tipslab.datamodules.captions import alt_caption, check_probs, sample_caption
 from tipslab.datamodules.sample import CorruptSample
+from tipslab.datamodules.sample_quality import SkipCounter
 from tipslab.datamodules.shards import ShardDataset
-from tipslab.datamodules.transforms import PATCH_SIZE, mirror_text, to_tensor
+from tipslab.datamodules.transforms import PATCH_SIZE, check_scale, mirror_text, to_tensor
 from tipslab.errors import TipslabError
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,15 @@ class SampleProcessor:
 
     Draw order (fixed, so a seed fixes everything and one-crop configs keep their old batches):
     first global crop, alt-text, caption, then the other global crops, the local crops and the
-    block masks of the global crops.
+    block masks of the global crops. With ``caption_crop_scale`` (user data, whose captions
+    describe the whole image), the texts are drawn first and the first global crop after, at the
+    scale given for the caption's granularity: a long, position-bearing caption gets a near-full
+    crop. Samples that caption their crop (scenes) keep the crop-first order.
     """
 
     def __init__(self, view: Callable, granularities: Sequence[str] = ("short", "long"),
-                 probs: Sequence[float] | None = None, masker=None, crop_captions: bool = True):
+                 probs: Sequence[float] | None = None, masker=None, crop_captions: bool = True,
+                 caption_crop_scale: Mapping | None = None):
         self.view = view
         # Caption the crop, not the image, where the sample can (scenes carry `crop_captions`).
         self.crop_captions = bool(crop_captions)
@@ -71,21 +76,39 @@ class SampleProcessor:
         check_probs(self.granularities, probs)  # fail at construction, not in a worker
         self.probs = None if probs is None else [float(p) for p in probs]
         self.masker = masker
+        self.caption_scales = {g: check_scale(v, f"data.caption_crop_scale.{g}")
+                               for g, v in dict(caption_crop_scale or {}).items() if v is not None}
+
+    def for_batch(self, batch: int) -> SampleProcessor:
+        """The processor of global batch ``batch`` (one for every batch; see `ResolutionStages`)."""
+        return self
+
+    def _texts(self, captions: Mapping, rng: np.random.Generator, sample_id: str) -> tuple[str, str, str]:
+        alt = alt_caption(captions, rng, sample_id)
+        granularity, caption = sample_caption(captions, rng, self.granularities, self.probs, sample_id)
+        return alt, granularity, caption
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
         # Decoded to a tensor once, however many crops are cut from it.
         pixels = to_tensor(sample["image"])
-        # A view with `crop` also says which box of the source it shows.
-        image, flipped, *box = (self.view.crop if hasattr(self.view, "crop") else self.view)(pixels, rng)
         sample_id = str(sample["id"])
         captions = sample["captions"]
-        if self.crop_captions and box and sample.get("crop_captions") is not None:
-            captions = sample["crop_captions"](box[0], rng)
-        alt = alt_caption(captions, rng, sample_id)
-        granularity, caption = sample_caption(captions, rng, self.granularities, self.probs, sample_id)
+        crop = self.view.crop if hasattr(self.view, "crop") else None
+        captions_the_crop = self.crop_captions and sample.get("crop_captions") is not None
+        if crop is not None and self.caption_scales and not captions_the_crop:
+            alt, granularity, caption = self._texts(captions, rng, sample_id)
+            image, flipped, *box = crop(pixels, rng, scale=self.caption_scales.get(granularity))
+        else:
+            # A view with `crop` also says which box of the source it shows.
+            image, flipped, *box = (crop or self.view)(pixels, rng)
+            if captions_the_crop and box:
+                captions = sample["crop_captions"](box[0], rng)
+            alt, granularity, caption = self._texts(captions, rng, sample_id)
         if flipped:  # the picture was mirrored: so are its words
             alt, caption = mirror_text(alt), mirror_text(caption)
         item = {"image": image, "alt": alt, "caption": caption, "granularity": granularity, "id": sample_id}
+        if box:
+            item["box"] = box[0]  # (top, left, height, width) of the first global crop in the source
         rest = getattr(self.view, "rest", None)
         if rest is not None:
             more, local = rest(pixels, rng)
@@ -118,6 +141,7 @@ class MapBatchStream(torch.utils.data.IterableDataset):
         self.epoch, self.start_batch = 0, 0
         self.stream_token: str | None = None
         self.skipped = 0
+        self.counts = SkipCounter()  # since the last batch made; handed to it (`Batch.data_counts`)
 
     def set_position(self, epoch: int, start_batch: int) -> None:
         self.epoch, self.start_batch = int(epoch), int(start_batch)
@@ -138,22 +162,28 @@ class MapBatchStream(torch.utils.data.IterableDataset):
         for step in range(MAX_CONSECUTIVE_CORRUPT):
             candidate = (index + step) % n
             try:
-                return candidate, self.dataset[candidate]
+                sample = self.dataset[candidate]
             except CorruptSample as err:
                 self.skipped += 1
+                self.counts.skip(getattr(err, "kind", "corrupt"))
                 log.warning("data: skipped corrupt sample %d: %s", candidate, err)
+                continue
+            self.counts.ok(sample.pop("_conversions", ()) if isinstance(sample, dict) else ())
+            return candidate, sample
         raise TipslabError(f"data: {MAX_CONSECUTIVE_CORRUPT} consecutive corrupt samples from index {index}; "
                            "the source looks broken")
 
     def make_batch(self, epoch: int, batch: int, order: np.ndarray) -> Batch:
         """Batch number ``batch`` (on this rank) of ``epoch``."""
         global_batch = batch * self.world_size + self.rank
+        process = self.processor.for_batch(epoch * self.num_batches + batch)  # the step's image size
         items = []
         for index in order[global_batch * self.batch_size:(global_batch + 1) * self.batch_size]:
             index, sample = self._load(int(index))
-            items.append(self.processor(sample, sample_rng(self.seed, epoch, index)))
+            items.append(process(sample, sample_rng(self.seed, epoch, index)))
         out = collate(items, self.tokenizer)
         out.stream_token = self.stream_token
+        out.data_counts = self.counts.take()
         return out
 
     def __iter__(self) -> Iterator[Batch]:
@@ -213,7 +243,10 @@ class ShardBatchStream(torch.utils.data.IterableDataset):
         for local, samples in enumerate(self._slot_batches(slot)):
             if local < skip:
                 continue  # already consumed before the resume: decoded, not transformed
-            items = [self.processor(s, sample_rng(self.seed, s["_pass"], key_number(s["key"]))) for s in samples]
+            process = self.processor.for_batch(virtual + local * workers)  # this batch's number on the rank
+            items = [process(s, sample_rng(self.seed, s["_pass"], key_number(s["key"]))) for s in samples]
             out = collate(items, self.tokenizer)
             out.stream_token = self.stream_token
+            # Counts since the last batch this worker yielded (resumed-over batches' included).
+            out.data_counts = self.shards.counts.take()
             yield out

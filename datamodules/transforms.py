@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
+from tipslab.datamodules.preprocess import Preprocessing
 from tipslab.errors import TipslabError
 
 PATCH_SIZE = 14
@@ -86,23 +87,33 @@ def mirror_text(text: str) -> str:
     return re.sub(r"\b(left|right|Left|Right)\b", lambda m: _SWAP[m.group(1)], text)
 
 
+def check_scale(scale, what: str = "crop scale") -> tuple[float, float]:
+    """A crop area range ``(min, max)`` with 0 < min <= max <= 1, or a TipslabError naming ``what``."""
+    try:
+        low, high = (float(v) for v in scale)
+    except (TypeError, ValueError):
+        raise TipslabError(f"{what}={scale!r}; expected [min, max] with 0 < min <= max <= 1") from None
+    if not 0 < low <= high <= 1:
+        raise TipslabError(f"{what}={tuple(scale)}; expected 0 < min <= max <= 1")
+    return low, high
+
+
 class GlobalCrop:
     """``crop(image, rng) -> (float [3, S, S], flipped)``: random resized crop, optional flip."""
 
     def __init__(self, image_size: int, scale=(0.32, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = False):
         self.image_size = check_image_size(image_size)
-        if not 0 < scale[0] <= scale[1] <= 1:
-            raise TipslabError(f"crop scale={tuple(scale)}; expected 0 < min <= max <= 1")
-        self.scale, self.ratio, self.flip = tuple(scale), tuple(ratio), bool(flip)
+        self.scale, self.ratio, self.flip = check_scale(scale), tuple(ratio), bool(flip)
 
     def __call__(self, image, rng: np.random.Generator) -> tuple[torch.Tensor, bool]:
         view, flipped, _ = self.crop(image, rng)
         return view, flipped
 
-    def crop(self, image, rng: np.random.Generator) -> tuple[torch.Tensor, bool, tuple[int, int, int, int]]:
-        """``(view, flipped, box)``, ``box = (top, left, height, width)`` in source pixels."""
+    def crop(self, image, rng: np.random.Generator, scale=None) -> tuple[torch.Tensor, bool, tuple[int, int, int, int]]:
+        """``(view, flipped, box)``, ``box = (top, left, height, width)`` in source pixels; ``scale``
+        overrides the crop's area range for this one draw."""
         pixels = to_tensor(image)
-        top, left, h, w = crop_params(pixels.shape[-2], pixels.shape[-1], rng, self.scale, self.ratio)
+        top, left, h, w = crop_params(pixels.shape[-2], pixels.shape[-1], rng, scale or self.scale, self.ratio)
         out = F.resized_crop(pixels, top, left, h, w, [self.image_size, self.image_size], antialias=True)
         flipped = self.flip and bool(rng.random() < 0.5)
         if flipped:
@@ -111,15 +122,15 @@ class GlobalCrop:
 
 
 class Resize:
-    """The evaluation view: the whole image resized to ``S x S`` (no randomness)."""
+    """The evaluation view: the whole image resized to ``S x S`` by the one inference
+    preprocessing (`preprocess.Preprocessing`, as embed / index / search use; no randomness)."""
 
     def __init__(self, image_size: int):
         self.image_size = check_image_size(image_size)
+        self.preprocessing = Preprocessing(self.image_size)
 
     def __call__(self, image, rng: np.random.Generator | None = None) -> tuple[torch.Tensor, bool]:
-        pixels = to_tensor(image)
-        out = F.resize(pixels, [self.image_size, self.image_size], antialias=True)
-        return _as_float(out), False
+        return self.preprocessing(image), False
 
 
 class MultiCropViews:
@@ -143,8 +154,8 @@ class MultiCropViews:
         self.local = (GlobalCrop(check_image_size(local_size, "data.local_crops.size"), scale=local_scale, flip=flip)
                       if self.local_count else None)
 
-    def crop(self, image, rng: np.random.Generator):
-        return self.first.crop(image, rng)
+    def crop(self, image, rng: np.random.Generator, scale=None):
+        return self.first.crop(image, rng, scale)
 
     __call__ = crop
 

@@ -8,43 +8,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from tipslab.datamodules.preprocess import Preprocessing
 from tipslab.errors import TipslabError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-class Preprocess:
-    """PIL image or uint8 array `[H, W(, C)]` -> float tensor `[3, S, S]` in [0, 1].
-
-    Resized bicubically to the model's `img_size`, no mean/std: the official TIPS models take
-    raw pixels (their demo: Resize((S, S)), ToTensor()).
-    """
-
-    def __init__(self, img_size: int):
-        self.img_size = int(img_size)
-
-    def __call__(self, image) -> torch.Tensor:
-        from PIL import Image
-
-        if isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-                raise TipslabError(
-                    f"preprocess expects a PIL image or a uint8 array [H, W] / [H, W, 1|3|4]; got {image.dtype} {image.shape}"
-                )
-            image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
-        elif not isinstance(image, Image.Image):
-            raise TipslabError(f"preprocess expects a PIL image or a uint8 array; got {type(image).__name__}")
-        image = image.convert("RGB")
-        if image.size != (self.img_size, self.img_size):
-            image = image.resize((self.img_size, self.img_size), Image.Resampling.BICUBIC)
-        pixels = np.asarray(image, dtype=np.uint8)
-        return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
-
-    def __repr__(self) -> str:
-        return f"Preprocess(img_size={self.img_size}, resize=bicubic, range=[0, 1], mean/std=none)"
+# The one preprocessing of every command (resize rule, PIL bicubic, model input size), under the
+# name the API has always had: PIL image or uint8 array -> float [3, S, S] in [0, 1], no mean/std.
+Preprocess = Preprocessing
 
 
 @dataclass

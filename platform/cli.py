@@ -1,4 +1,5 @@
-"""The `tipslab` console script: train, config, experiments, index, search, serve, embed, eval, probe, predict.
+"""The `tipslab` console script: train, config, experiments, index, search, serve, embed, eval, probe, predict,
+shards.
 
 Bad input (a `TipslabError`) prints one line and exits 2; anything else is a bug and keeps
 its traceback.
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiments = sub.add_parser("experiments", help="list the experiments")
     experiments.set_defaults(func=_cmd_experiments)
 
+    from tipslab.datamodules import shard_cli
     from tipslab.platform import embed, eval_cli, predict
     from tipslab.retrieval import cli as retrieval_cli
     from tipslab.retrieval import serve_cli
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_parser(sub)
     eval_cli.add_parser(sub)
     predict.add_parser(sub)
+    shard_cli.add_parser(sub)
     return parser
 
 

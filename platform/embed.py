@@ -15,15 +15,17 @@ Embeddings are L2-normalised (what similarity uses) unless `--raw`.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tipslab.atomic import atomic_write
+from tipslab.datamodules.image_io import IMAGE_EXTENSIONS, UnreadableImage, is_image_file, read_image
+from tipslab.datamodules.sample_quality import SkipCounter
 from tipslab.errors import TipslabError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 MANIFEST_COLUMNS = ("image_path", "path", "image")
 
 
@@ -63,9 +65,9 @@ def collect_images(items: list[str], manifest: str | None) -> list[Path]:
     for item in items:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
             if not found:
-                raise TipslabError(f"--images {path}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise TipslabError(f"--images {path}: the folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             paths.extend(found)
         elif path.is_file():
             paths.append(path)
@@ -95,9 +97,7 @@ def _manifest_images(manifest: Path) -> list[Path]:
     for value in table[column].to_list():
         path = Path(str(value)).expanduser()
         path = path if path.is_absolute() else manifest.parent / path
-        if not path.is_file():
-            raise TipslabError(f"--manifest {manifest}: {column} {value!r} is not a file")
-        out.append(path)
+        out.append(path)  # a missing file is skipped and counted when read, as an unreadable one
     return out
 
 
@@ -115,14 +115,21 @@ def collect_texts(texts: list[str], texts_file: str | None) -> list[str]:
     return out
 
 
-def _read_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as handle:
-            return handle.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise TipslabError(f"{path}: not a readable image ({err})") from None
+def read_images(paths: list[Path], preprocess, counts: SkipCounter) -> tuple[list[Path], list[torch.Tensor]]:
+    """The readable images of ``paths`` preprocessed; unreadable ones warned about, counted by kind."""
+    kept, pixels = [], []
+    for path in paths:
+        conversions: list[str] = []
+        try:
+            image = read_image(path, conversions=conversions)
+        except UnreadableImage as err:
+            counts.skip(err.kind)
+            print(f"tipslab embed: skipping {err}", file=sys.stderr)
+            continue
+        counts.ok(conversions)
+        kept.append(path)
+        pixels.append(preprocess(image))
+    return kept, pixels
 
 
 # ------------------------------------------------------------------------------- compute
@@ -133,12 +140,17 @@ def compute_embeddings(loaded, image_paths: list[Path], texts: list[str], *, pat
     from tqdm.auto import tqdm
 
     dim = loaded.encoder.embed_dim
+    counts = SkipCounter()
+    readable: list[Path] = []
     norm = (lambda t: torch.nn.functional.normalize(t, dim=-1)) if normalize else (lambda t: t)
     cls1, cls2, patch_rows, grid = [], [], [], None
     image_bar = tqdm(total=len(image_paths), desc="embed images", unit="img", disable=not progress or not image_paths)
     for start in range(0, len(image_paths), max(batch_size, 1)):
-        chunk = image_paths[start : start + batch_size]
-        pixels = torch.stack([loaded.preprocess(_read_image(p)) for p in chunk])
+        chunk, images = read_images(image_paths[start : start + batch_size], loaded.preprocess, counts)
+        if not images:
+            continue
+        readable.extend(chunk)
+        pixels = torch.stack(images)
         out = loaded.embed_images(pixels)
         cls1.append(norm(out.cls1).cpu())
         cls2.append(norm(out.cls2).cpu())
@@ -159,7 +171,7 @@ def compute_embeddings(loaded, image_paths: list[Path], texts: list[str], *, pat
         return torch.cat(rows).numpy().astype(np.float32) if rows else np.zeros(shape, np.float32)
 
     result = {
-        "image_paths": np.array([str(p) for p in image_paths], dtype=np.str_),
+        "image_paths": np.array([str(p) for p in readable], dtype=np.str_),
         "image_cls1": stack(cls1, (0, dim)),
         "image_cls2": stack(cls2, (0, dim)),
         "texts": np.array(texts, dtype=np.str_),
@@ -238,6 +250,11 @@ def run_embed(args) -> int:
         loaded, image_paths, texts, patches=args.patches or args.dense, dense=args.dense,
         normalize=not args.raw, batch_size=args.batch_size, progress=not args.quiet,
     )
+    if image_paths and not len(result["image_paths"]) and not texts:
+        raise TipslabError(f"none of the {len(image_paths)} image(s) could be read (reasons above); nothing written")
     (write_npz if out.suffix == ".npz" else write_parquet)(result, out)
-    print(f"wrote {len(image_paths)} images, {len(texts)} texts, dim {loaded.encoder.embed_dim} -> {out}")
+    skipped = len(image_paths) - len(result["image_paths"])
+    if skipped:
+        print(f"skipped {skipped} unreadable image(s) (listed above)")
+    print(f"wrote {len(result['image_paths'])} images, {len(texts)} texts, dim {loaded.encoder.embed_dim} -> {out}")
     return 0

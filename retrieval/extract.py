@@ -59,6 +59,8 @@ class ImageSource:
     images: Iterable[SourceImage]
     count: int | None
     skipped: list[dict] = field(default_factory=list)
+    # How the pixels were made (`Preprocessing.describe()`), for the index manifest.
+    preprocessing: dict | None = None
 
     def __iter__(self) -> Iterator[SourceImage]:
         return iter(self.images)
@@ -68,9 +70,8 @@ class ImageSource:
 
 
 def _folder_source(folder: Path, image_size: int) -> ImageSource:
-    from PIL import Image
-
     from tipslab.datamodules.image_folder import ImageFolder
+    from tipslab.datamodules.image_io import image_size as upright_size
 
     dataset = ImageFolder(str(folder), image_size)
     source = ImageSource(spec=str(folder), images=(), count=len(dataset) if hasattr(dataset, "__len__") else None)
@@ -79,9 +80,8 @@ def _folder_source(folder: Path, image_size: int) -> ImageSource:
         for path, pixels in dataset:
             path = os.path.abspath(str(path))
             try:
-                # PIL reads only the header here; the original size maps patch boxes back.
-                with Image.open(path) as handle:
-                    size = handle.size
+                # The header only, EXIF rotation applied: the upright size maps patch boxes back.
+                size = upright_size(path)
             except OSError as err:  # readable a moment ago; treat as unreadable now
                 source.skipped.append({"path": path, "reason": f"cannot read image size: {err}"})
                 continue
@@ -149,10 +149,15 @@ def open_source(spec: str | os.PathLike, image_size: int, *, scenes_count: int |
 
     ``scenes_count`` applies to a bare ``scenes:val`` (default 64); ``scenes:val:N`` wins.
     """
+    from tipslab.datamodules.preprocess import Preprocessing
+
     kind, where, count = check_source(spec)
     if kind == "scenes":
-        return _scenes_source(str(spec), where, count or scenes_count or DEFAULT_SCENES_COUNT, image_size, scenes_seed)
-    return _folder_source(Path(where), image_size)
+        source = _scenes_source(str(spec), where, count or scenes_count or DEFAULT_SCENES_COUNT, image_size, scenes_seed)
+    else:
+        source = _folder_source(Path(where), image_size)
+    source.preprocessing = Preprocessing(image_size).describe()
+    return source
 
 
 def _batches(images: Iterable[SourceImage], batch_size: int) -> Iterator[list[SourceImage]]:

@@ -173,6 +173,6 @@ def test_embed_bad_arguments(checkpoint, image_dir, tmp_path):
         _run_embed([str(checkpoint), "--out", str(tmp_path / "e.npz")])
     with pytest.raises(TipslabError, match="no such file or folder"):
         _run_embed([str(checkpoint), "--images", str(tmp_path / "nope.png"), "--out", str(tmp_path / "e.npz")])
-    with pytest.raises(TipslabError, match="not a readable image"):
+    with pytest.raises(TipslabError, match="none of the 1 image"):  # unreadable ones are skipped
         _run_embed([str(checkpoint), "--images", str(image_dir / "notes.txt"), "--out", str(tmp_path / "e.npz")])
     assert not list(tmp_path.iterdir())  # nothing half-written

@@ -223,3 +223,44 @@ def test_flip_mirrors_image_and_captions_together():
     b = flipping(sample, np.random.default_rng(seed))  # same crop, then mirrored
     assert torch.equal(b["image"], a["image"].flip(-1))
     assert b["alt"] == "star on the right" and b["caption"] == "A star on the right."
+
+
+def test_long_captions_get_near_full_crops_on_user_data():
+    from tipslab.datamodules.streams import SampleProcessor
+
+    image = torch.rand(3, 80, 80)
+    processor = SampleProcessor(GlobalCrop(28, scale=(0.05, 0.2)), ("short", "long"),
+                                caption_crop_scale={"long": (0.9, 1.0)})
+    drawn = set()
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        item = processor({"image": image, "id": "x", "captions": {"short": "s", "long": "A long caption."}}, rng)
+        top, left, h, w = item["box"]
+        drawn.add(item["granularity"])
+        share = h * w / (80 * 80)
+        if item["granularity"] == "long":
+            assert share >= 0.9 * 0.95, share  # rounding of the box sides
+        else:
+            assert share <= 0.2 * 1.1, share
+    assert drawn == {"short", "long"}
+    with pytest.raises(TipslabError, match="data.caption_crop_scale.long"):
+        SampleProcessor(GlobalCrop(28), ("long",), caption_crop_scale={"long": [0.5, 2.0]})
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resolution_stage_switches_the_image_size_and_resumes_in_it(num_workers, tmp_path):
+    cfg = {**SCENES, "num_workers": num_workers, "resolution_stages": [{"step": 8, "image_size": 84}]}
+    if num_workers:  # the shard stream (endless) under two worker processes
+        write_scene_shards(ScenesDataset("train", 24, image_size=56, seed=0), tmp_path, samples_per_shard=6)
+        cfg = {**cfg, "source": "shards", "path": str(tmp_path)}
+    data = PretrainDataModule(cfg, TOKENIZER, seed=0)
+    loader = data.train_dataloader()
+    batches = take((b for _ in range(2) for b in loader), 11)  # scenes: two epochs of 6 batches
+    assert [b.images.shape[-1] for b in batches] == [56] * 8 + [84] * 3
+    assert data.image_size_at(7) == 56 and data.image_size_at(8) == 84
+    resumed = PretrainDataModule(cfg, TOKENIZER, seed=0).train_dataloader()
+    resumed.load_state_dict({"epoch": 1, "consumed": 3} if not num_workers else {"epoch": 0, "consumed": 9})
+    again = next(iter(resumed))
+    assert again.images.shape[-1] == 84 and same(again, batches[9])
+    with pytest.raises(TipslabError, match="resolution_stages\\[0\\].image_size=85"):
+        PretrainDataModule({**SCENES, "resolution_stages": [{"step": 3, "image_size": 85}]}, TOKENIZER)

@@ -191,25 +191,33 @@ def test_write_scene_folder(tmp_path):
         write_scene_folder(out, num_images=2, image_size=56)
 
 
-def test_captions_of_a_crop_name_exactly_the_objects_it_shows():
+@pytest.mark.parametrize("granularity, stored", [("short", False), ("long", False), ("long", True)])
+def test_captions_of_a_crop_name_exactly_the_objects_it_shows(granularity, stored, tmp_path):
     import numpy as np
 
     from tipslab.datamodules.scene_captions import CROP_VISIBLE_SHARE
     from tipslab.datamodules.scenes import ScenesDataset
+    from tipslab.datamodules.shards import ShardDataset, write_scene_shards
     from tipslab.datamodules.streams import SampleProcessor
     from tipslab.datamodules.transforms import GlobalCrop, crop_params
 
     dataset = ScenesDataset("train", num_images=40, image_size=112, seed=1)
-    processor = SampleProcessor(GlobalCrop(56, scale=(0.1, 0.6)), ("short",))
+    samples = [dataset[i] for i in range(len(dataset))]
+    if stored:  # read back from shards: the objects' masks travel in the json
+        write_scene_shards(dataset, tmp_path)
+        by_id = {s["id"]: s for s in ShardDataset(tmp_path, shuffle=False)}
+        samples = [by_id[s["id"]] for s in samples]
+    processor = SampleProcessor(GlobalCrop(56, scale=(0.1, 0.6)), (granularity,))
     differs = 0
     for index in range(len(dataset)):
-        sample, scene = dataset[index], dataset.scene(index)
+        sample, scene = samples[index], dataset.scene(index)
         item = processor(sample, np.random.default_rng(index))
         top, left, h, w = crop_params(112, 112, np.random.default_rng(index), (0.1, 0.6))  # the same draw
         shown = sorted(o.class_name for o in scene.objects
                        if o.mask[top:top + h, left:left + w].sum() >= CROP_VISIBLE_SHARE * o.mask.sum())
         named = [] if item["alt"] == "background" else sorted(item["alt"].split(", "))
         assert named == shown, (index, item["alt"], shown)
+        assert item["granularity"] == granularity
         for name in scene.class_names:
             assert (name in item["caption"].lower()) == (name in shown)
         differs += named != sorted(scene.class_names)

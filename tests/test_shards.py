@@ -88,10 +88,12 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, caplog):
     assert samples[1]["captions"] == {"alt": "a red square"}
     assert samples[2]["image"].getpixel((0, 0)) == (0, 0, 250)
     assert dataset.skipped == 5
+    assert dataset.counts.skipped == {"not_image": 1, "truncated": 1, "no_caption": 1, "bad_json": 1,
+                                      "empty_caption": 1}
     skipped = dict(dataset.skipped_samples)
-    for key, reason in [("badimage", "does not decode"), ("truncimage", "does not decode"),
-                        ("nojson", "missing caption json"), ("badjson", "not valid json"),
-                        ("nocaptions", "no 'captions'")]:
+    for key, reason in [("badimage", "cannot read image: not image"), ("truncimage", "cannot read image: truncated"),
+                        ("nojson", "no .json or .txt caption member"), ("badjson", "not valid json"),
+                        ("nocaptions", "no caption text")]:
         where = next(w for w in skipped if f"sample {key} " in w)
         assert reason in skipped[where]
         assert key in caplog.text

@@ -1,0 +1,123 @@
+"""Data-loader benchmark: images/s of the pretraining loader per worker against raw JPEG decoding.
+
+Writes JPEG shards with `tipslab shards` (photo-like pictures at ``--size``), then, in the same
+run, measures:
+
+- ``decode``: the raw rate of PIL opening and fully decoding those JPEG bytes (the baseline);
+- ``loader tiny``: `PretrainDataModule` batches in one process (= one worker) with the tiny
+  experiment's views (one 112 px global crop, no local crops, no masks);
+- ``loader ViT-B``: the ViT-B recipe's views (2 global crops at 224, 8 local crops at 98, block
+  masks), DINOv2's multi-crop.
+
+The loader numbers include reading the tar, the one image reader, crops, captions and
+tokenizing. Ratios are against ``decode`` (target: the loader within 80% of decode, ratio >= 0.8).
+The CPUs of a shared machine make every number noisy: compare ratios from one run, not runs.
+Never asserted in tests.
+
+    python bench/bench_data.py                      # ~20 s: 96 images of 400 x 300
+    python bench/bench_data.py --images 512 --size 640x480
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+VIEWS = {
+    "tiny": {"image_size": 112, "global_crops": {"count": 1}, "local_crops": {"count": 0}},
+    "ViT-B": {"image_size": 224, "global_crops": {"count": 2, "scale": [0.32, 1.0]},
+              "local_crops": {"count": 8, "size": 98, "scale": [0.05, 0.32]},
+              "masking": {"enabled": True, "probability": 0.5, "ratio": [0.1, 0.5]}},
+}
+
+
+def photo(width: int, height: int, rng: np.random.Generator) -> Image.Image:
+    """A smooth picture with some texture: JPEG sizes and decode costs close to a photo's."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    phase = rng.uniform(0, 6.28, size=3)
+    channels = [127 + 90 * np.sin(xs / rng.uniform(20, 80) + ys / rng.uniform(20, 80) + p) for p in phase]
+    pixels = np.stack(channels, -1) + rng.normal(0, 12, size=(height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def write_source(folder: Path, count: int, width: int, height: int) -> Path:
+    from tipslab.platform.cli import main
+
+    images = folder / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        photo(width, height, rng).save(images / f"{i:05d}.jpg", quality=90)
+        (images / f"{i:05d}.json").write_text('{"captions": {"alt": "a photo", "short": "A photo of waves.", '
+                                              '"long": "A photo of coloured waves with fine grain all over it."}}')
+    out = folder / "shards"
+    main(["shards", str(out), "--images", str(images), "--samples-per-shard", "64"])
+    return images
+
+
+def decode_rate(images: Path, repeats: int) -> float:
+    blobs = [p.read_bytes() for p in sorted(images.glob("*.jpg"))]
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for blob in blobs:
+            with Image.open(io.BytesIO(blob)) as image:
+                image.convert("RGB")
+    return repeats * len(blobs) / (time.perf_counter() - start)
+
+
+def loader_rate(shards: Path, views: dict, batch_size: int, images: int) -> float:
+    from tipslab.datamodules.datamodule import PretrainDataModule
+    from tipslab.modules.tokenizers import build_tokenizer
+
+    cfg = {"source": "shards", "path": str(shards), "batch_size": batch_size, "num_workers": 0,
+           "caption_granularities": ["short", "long"], **views}
+    loader = PretrainDataModule(cfg, build_tokenizer(context_length=64), seed=0).train_dataloader()
+    iterator = iter(loader)
+    next(iterator)  # warm-up: opening the first shard, first allocations
+    done, start = 0, time.perf_counter()
+    while done < images:
+        done += len(next(iterator).ids)
+    return done / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=96, help="pictures in the shards (and per measurement)")
+    parser.add_argument("--size", default="400x300", help="picture size WxH")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    import torch
+
+    torch.set_num_threads(1)  # one worker is one thread of work
+    with tempfile.TemporaryDirectory() as tmp:
+        images = write_source(Path(tmp), args.images, width, height)
+        rows = [("raw JPEG decode (PIL)", decode_rate(images, repeats=2))]
+        for name, views in VIEWS.items():
+            rows.append((f"loader {name} ({_describe(views)})", loader_rate(Path(tmp) / "shards", views,
+                                                                          args.batch_size, args.images)))
+    base = rows[0][1]
+    print(f"\n{args.images} JPEGs of {width}x{height}, one process (= one data-loader worker), 1 thread; "
+          "shared CPUs: numbers are noisy, compare the ratios")
+    print(f"{'measure':58s} {'images/s':>10s} {'/ decode':>9s}")
+    for name, rate in rows:
+        print(f"{name:58s} {rate:10.1f} {rate / base:9.2f}")
+
+
+def _describe(views: dict) -> str:
+    g = views["global_crops"]["count"]
+    loc = views["local_crops"]["count"]
+    text = f"{g} x {views['image_size']}"
+    if loc:
+        text += f" + {loc} x {views['local_crops']['size']}"
+    return text + (", masks" if views.get("masking", {}).get("enabled") else "")
+
+
+if __name__ == "__main__":
+    main()
