@@ -67,11 +67,10 @@ def preflight(cfg: DictConfig) -> None:
 
 def build_strategy(cfg: DictConfig):
     if cfg.trainer.strategy == "fsdp":
-        from lightning.pytorch.strategies import ModelParallelStrategy
+        from tipslab.platform.parallelize import fsdp2_strategy
 
         # Pure FSDP2: every device is one data-parallel shard (no tensor parallelism).
-        world = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
-        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+        return fsdp2_strategy(int(cfg.trainer.devices) * int(cfg.trainer.num_nodes))
     if cfg.trainer.strategy == "auto":
         return "auto"
     raise TipslabError(f"trainer.strategy must be 'auto' or 'fsdp', got {cfg.trainer.strategy!r}")

@@ -119,3 +119,39 @@ def test_fsdp2_matches_one_process_survives_sigkill_and_resumes_at_world_size_on
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < WEIGHT_ATOL, worst
+
+
+def test_torchrun_two_nodes_on_localhost_with_gradient_accumulation(tmp_path):
+    """The multi-node rehearsal: two torchrun agents (nodes) of one process each meet at a c10d
+    rendezvous on loopback, agree on one run folder (TIPSLAB_RUN_NAME) and train FSDP2 with 2
+    micro-batches per step; the gradient sync skipped on the first micro-batch (parallelize.py)
+    must still leave the same weights as one process accumulating the same micro-batches."""
+    import socket
+
+    ref = train(load_config("tipsv2_tiny", [*COMMON, f"run_dir={tmp_path / 'one'}", "data.batch_size=4",
+                                            "trainer.accumulate_grad_batches=2", "trainer.max_steps=3"]))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = tmp_path / "nodes"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    command = [torchrun, "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=rehearsal", "-m", "tipslab.platform.cli",
+               "train", "tipsv2_tiny", *COMMON, f"run_dir={root}", "trainer.strategy=fsdp", "trainer.devices=1",
+               "trainer.num_nodes=2", "data.batch_size=2", "trainer.accumulate_grad_batches=2", "trainer.max_steps=3"]
+    env = dict(_env(), TIPSLAB_RUN_NAME="rehearsal")
+    nodes = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errors = [node.communicate(timeout=600)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "rehearsal"]
+
+    run = root / "rehearsal"
+    want, got = _losses(ref.tracking_uri, ref.run_id), _losses(ref.tracking_uri, (run / "mlflow_run_id.txt").read_text().strip())
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert all(_close(g, w) for g, w in zip(sorted(got[step]), sorted(want[step]), strict=True)), (step, got, want)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(ref.model_dir / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < WEIGHT_ATOL
