@@ -146,7 +146,14 @@ def time_lightning(cfg, batch, steps: int, device: str) -> float:
                         strategy=build_strategy(cfg), precision="bf16-mixed" if device == "cuda" else "32-true",
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[StepEnds()], limit_val_batches=0)
-    trainer.fit(PretrainingSystem(cfg), train_dataloaders=[batch] * (steps + 2))
+    class SameBatch:  # an iterable of batches (a plain list would be read as a list of loaders)
+        def __iter__(self):
+            return iter([batch] * (steps + 2))
+
+        def __len__(self):
+            return steps + 2
+
+    trainer.fit(PretrainingSystem(cfg), train_dataloaders=SameBatch())
     return (ends[-1] - ends[1]) / steps
 
 
@@ -224,7 +231,8 @@ def main() -> None:
             capture_output=True, text=True,
         )
         if out.returncode:
-            print(f"{name}: failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+            last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
+            print(f"{name}: failed: {last[:300]}")
             continue
         rows[name] = tuple(map(float, out.stdout.split()[-2:]))
     memory = "peak GPU MB" if args.device == "cuda" else "peak RSS MB"

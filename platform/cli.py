@@ -1,4 +1,4 @@
-"""The `tipslab` console script: train, config, experiments, index, search, embed, eval, probe, predict.
+"""The `tipslab` console script: train, config, experiments, export, index, search, embed, eval, probe, predict.
 
 Bad input (a `TipslabError`) prints one line and exits 2; anything else is a bug and keeps
 its traceback.
@@ -82,12 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     experiments = sub.add_parser("experiments", help="list the experiments")
     experiments.set_defaults(func=_cmd_experiments)
 
-    from tipslab.platform import embed, eval_cli, predict
+    from tipslab.platform import embed, eval_cli, export, predict
     from tipslab.retrieval import cli as retrieval_cli
 
     retrieval_cli.add_index_parser(sub)
     retrieval_cli.add_search_parser(sub)
     embed.add_parser(sub)
+    export.add_parser(sub)
     eval_cli.add_parser(sub)
     predict.add_parser(sub)
     return parser

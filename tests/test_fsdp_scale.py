@@ -98,6 +98,16 @@ def test_fsdp2_matches_one_process_survives_sigkill_and_resumes_at_world_size_on
               and len(v.size) == 2}
     assert chunks and set(chunks.values()) == {2}, chunks
 
+    # A sharded checkpoint exports to one plain model, equal to the one-process run's at that step.
+    from safetensors.torch import load_file
+
+    from tipslab.platform.export import export_checkpoint
+
+    export_checkpoint(run / "checkpoints" / "step0000004.ckpt", tmp_path / "two_at_4")
+    export_checkpoint(ref.checkpoint_dir / "step0000004.ckpt", tmp_path / "one_at_4")
+    a, b = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("one_at_4", "two_at_4"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < WEIGHT_ATOL
+
     # Resumed by one process (the sharded checkpoint is resharded on load).
     third = subprocess.run(_command(f"run_dir={root}", "trainer.strategy=fsdp", "trainer.devices=1",
                                     "data.batch_size=8", "trainer.max_steps=6", "checkpoint.resume=last"),
@@ -113,8 +123,6 @@ def test_fsdp2_matches_one_process_survives_sigkill_and_resumes_at_world_size_on
     assert "continuing run" in third.stderr and str(run) in third.stderr
 
     # The exported (consolidated, plain-tensor) model matches the one-process run's.
-    from safetensors.torch import load_file
-
     a, b = load_file(str(ref.model_dir / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)

@@ -146,3 +146,13 @@ def test_runs_do_not_clobber_each_other_end_to_end(tmp_path, caplog):
     assert third.run_dir == second.run_dir and third.run_id == second.run_id
     assert f"continuing run {second.run_dir}" in caplog.text
     assert max(m.step for m in client.get_metric_history(second.run_id, "train/loss")) >= 2
+
+    # `tipslab export RUN`: the newest checkpoint as a tipslab model, equal to what the run exported.
+    from safetensors.torch import load_file
+
+    from tipslab.platform.cli import main
+
+    assert main(["export", str(first.run_dir), "--out", str(tmp_path / "exported")]) == 0
+    a, b = load_file(str(first.model_dir / "model.safetensors")), load_file(str(tmp_path / "exported" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["export", str(tmp_path / "nothing.ckpt"), "--out", str(tmp_path / "x")]) == 2
