@@ -75,11 +75,15 @@ def count_flops(step) -> tuple[float, object]:
 class Throughput(L.Callback):
     """Per-step timing on every rank; rank 0 logs the window means every `log_every_n_steps`."""
 
-    def __init__(self, log_every: int = 10):
+    def __init__(self, log_every: int = 10, count_flops: bool = True):
         self.log_every = max(int(log_every), 1)
+        # Not under torch.compile: compiled kernels bypass the dispatcher the counter watches, and
+        # an active dispatch mode changes how Dynamo traces the first step (bench/ gives compiled MFU).
+        self.count = count_flops
         self.flops_per_step: float | None = None  # this rank's, counted on the first step
         self.peak: tuple[float, str] | None = None
         self._counter = None
+        self._first_done = False
         self._last_end: float | None = None
         self._start = 0.0
         self._window: list[tuple[float, float, int]] = []  # (data wait s, compute s, images)
@@ -89,7 +93,7 @@ class Throughput(L.Callback):
         now = time.perf_counter()
         self._wait = now - self._last_end if self._last_end is not None else 0.0
         self._start = now
-        if self.flops_per_step is None and self._counter is None:
+        if self.count and self.flops_per_step is None and self._counter is None:
             from torch.utils.flop_counter import FlopCounterMode
 
             self._counter = FlopCounterMode(display=False)
@@ -105,8 +109,9 @@ class Throughput(L.Callback):
             self.flops_per_step = float(self._counter.get_total_flops())
             self._counter = None
             self.peak = device_peak_flops(pl_module.device)
-        else:  # the first step (compile, allocator warm-up, counting) is no measure of speed
+        if self._first_done:
             self._window.append((self._wait, now - self._start, int(batch.images.shape[0])))
+        self._first_done = True  # the first step (compile, allocator warm-up, counting) is no measure of speed
         self._last_end = now
         if len(self._window) >= self.log_every:
             self._log(trainer, pl_module)

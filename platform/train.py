@@ -186,7 +186,7 @@ def _train(cfg: DictConfig) -> TrainResult:
                          int(cfg.checkpoint.pin_every_n_steps)),
         LearningRateMonitor(logging_interval="step"),
         StepThroughput(),
-        Throughput(int(cfg.trainer.log_every_n_steps)),
+        Throughput(int(cfg.trainer.log_every_n_steps), count_flops=not cfg.trainer.compile),
         history,
         ResourceUsage(),
     ]

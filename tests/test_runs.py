@@ -136,6 +136,11 @@ def test_runs_do_not_clobber_each_other_end_to_end(tmp_path, caplog):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     names = {r.info.run_id: r.info.run_name for r in client.search_runs([experiment.experiment_id])}
     assert names == {first.run_id: f"tipsv2_tiny/{first.run_dir.name}", second.run_id: f"tipsv2_tiny/{second.run_dir.name}"}
+    # Speed is visible: images/s, the step split into data wait and compute, MFU (FLOPs counted on step 1).
+    perf = client.get_run(first.run_id).data.metrics
+    assert perf["perf/images_per_sec"] > 0 and 0 < perf["perf/mfu"] < 1 and perf["perf/tflops_per_sec_per_device"] > 0
+    assert perf["perf/step_ms"] == pytest.approx(perf["perf/data_wait_ms"] + perf["perf/compute_ms"])
+    assert 0 <= perf["perf/data_wait_share"] < 1
     # The pointing game is a curve: mid-run and at the end.
     assert [m.step for m in client.get_metric_history(first.run_id, "eval/pointing_acc_dense")] == [2, 4]
 
