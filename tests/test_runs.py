@@ -161,3 +161,18 @@ def test_runs_do_not_clobber_each_other_end_to_end(tmp_path, caplog):
     a, b = load_file(str(first.model_dir / "model.safetensors")), load_file(str(tmp_path / "exported" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert main(["export", str(tmp_path / "nothing.ckpt"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_eval_finds_the_store_of_a_run_in_its_own_folder(tmp_path):
+    """`tipslab eval runs/<exp>/latest/model --mlflow` logs into the training run: the store is
+    two levels up from the run folder now, not beside it."""
+    from tipslab.platform.eval_cli import run_info
+
+    run = tmp_path / "runs" / "tipsv2_tiny" / "20261203-101500"
+    (run / "model").mkdir(parents=True)
+    (run / "config.yaml").write_text("tracking:\n  tracking_uri: null\n")
+    (run / "mlflow_run_id.txt").write_text("abc\n")
+    (tmp_path / "runs" / "mlflow.db").write_bytes(b"")
+    (tmp_path / "runs" / "tipsv2_tiny" / "latest").symlink_to(run.name)
+    uri, run_id, found = run_info(str(tmp_path / "runs" / "tipsv2_tiny" / "latest" / "model"))
+    assert (uri, run_id, found) == (f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}", "abc", run)
