@@ -1,18 +1,27 @@
-"""Training-step speed and memory of the recipes, against the contrastive-only baseline in the same run.
+"""Training-step speed, MFU and memory: what tipslab's layers cost against a bare PyTorch loop doing
+the same math, measured in the same run (issue 8's table).
 
-Prints a table: ms per step, images/s (source images, not crops) and peak memory for
-  contrastive only      TIPS's contrastive loss alone (experiments/ablate_contrastive.yaml)
-  full recipe, head EMA contrastive + DINO + iBOT++ + KoLeo, multi-crop and masks, head-only EMA
-  full recipe, full EMA the same with a second, EMA backbone as teacher (TIPS v1 / DINOv2)
-  + act. ckpt           the head-EMA recipe with activation checkpointing on every block
-Each variant runs in its own process (peak memory is its own), on real batches of the
-experiment's data settings (multi-crop, masks) from the built-in scenes.
-Run: .venv/bin/python bench/bench_train_step.py [--steps 5 --batch 32 --size tiny --img 112 --device cpu]
+Default table (contrastive only, ablate_contrastive):
+  bare loop                  the encoder's towers, open_clip ClipLoss on both CLS/text pairs, AdamW
+                             (fused on CUDA), bf16 autocast on CUDA: no Lightning, no system
+  system, plain loop         PretrainingSystem's forward in the same hand-written loop
+  Lightning, strategy auto   Trainer.fit on the system
+  Lightning, FSDP2           ModelParallelStrategy on one device (the sharding code path)
+  FSDP2 + act. ckpt          activation checkpointing on every block
+  ... compiled               per-block torch.compile rows (CUDA, or --compile), against the compiled bare loop
+Columns: ms/step, images/s, ratio to the bare loop, achieved TFLOP/s and MFU (FLOPs of one step
+counted once with torch's FlopCounterMode; peak from platform/throughput.py: a GPU data-sheet
+table, on CPU a measured fp32 matmul), peak memory.
+`--recipes` prints the older table instead: the recipes (contrastive, whole recipe with head or
+full EMA, + activation checkpointing) against the contrastive-only baseline.
+Each variant runs in its own process (peak memory is its own), on a real batch of the built-in scenes.
+Run: .venv/bin/python bench/bench_train_step.py [--steps 5 --batch 32 --size tiny --img 112 --device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import subprocess
@@ -27,11 +36,22 @@ from tipslab.platform.config import load_config  # noqa: E402
 from tipslab.platform.ema import ema_update_  # noqa: E402
 from tipslab.platform.system import PretrainingSystem  # noqa: E402
 
-VARIANTS = {
+RECIPES = {
     "contrastive only": ("ablate_contrastive", []),
     "full recipe, head EMA": ("ablate_head_ema", []),
     "full recipe, full EMA": ("ablate_full_ema", []),
     "full, head EMA + act. ckpt": ("ablate_head_ema", ["trainer.activation_checkpointing=true"]),
+}
+FSDP = ["trainer.strategy=fsdp"]
+OVERHEAD = {  # name: (loop, overrides); rows with trainer.compile=true compare to the compiled bare loop
+    "bare loop": ("bare", []),
+    "system, plain loop": ("system", []),
+    "Lightning, strategy auto": ("lightning", []),
+    "Lightning, FSDP2 (1 device)": ("lightning", FSDP),
+    "FSDP2 + act. ckpt": ("lightning", [*FSDP, "trainer.activation_checkpointing=true"]),
+    "bare loop, blocks compiled": ("bare", ["trainer.compile=true"]),
+    "FSDP2 + compile": ("lightning", [*FSDP, "trainer.compile=true"]),
+    "FSDP2 + compile + act. ckpt": ("lightning", [*FSDP, "trainer.compile=true", "trainer.activation_checkpointing=true"]),
 }
 
 
@@ -53,41 +73,136 @@ def _batch(cfg):
     return next(iter(module.train_dataloader()))
 
 
+def _autocast(device: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_steps(system, batch, steps: int, device: str) -> float:
-    optimizer = torch.optim.AdamW([p for _, p in system.trainable_parameters()], lr=1e-4)
+    optimizer = torch.optim.AdamW([p for _, p in system.trainable_parameters()], lr=1e-4, fused=device == "cuda")
     for i in range(steps + 2):
         if i == 2:  # two warm-up steps
-            if device == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
             start = time.perf_counter()
-        loss, _ = system(batch)
+        with _autocast(device):
+            loss, _ = system(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema_update_(system.momentum_pairs(), 0.99)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     return (time.perf_counter() - start) / steps
 
 
+def time_bare_loop(cfg, batch, steps: int, device: str) -> float:
+    """The same contrastive math by hand: towers, ClipLoss on (CLS1, alt) and (CLS2, caption), AdamW."""
+    import torch.nn.functional as F
+    from open_clip.loss import ClipLoss
+
+    from tipslab.modules.encoder import build_encoder
+
+    encoder = build_encoder(cfg.model).to(device).train()
+    if cfg.trainer.compile:
+        for block in [*encoder.vision.blocks, *encoder.text.blocks]:
+            block.compile()
+    clip = ClipLoss()
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-4, fused=device == "cuda")
+    texts = torch.cat([batch.alt_ids, batch.caption_ids])
+    for i in range(steps + 2):
+        if i == 2:
+            _sync(device)
+            start = time.perf_counter()
+        with _autocast(device):
+            image = encoder.vision(batch.images)
+            alt, caption = encoder.text(texts).chunk(2)
+            scale = encoder.logit_scale.exp().clamp(max=100.0).squeeze()
+            loss = clip(F.normalize(image.cls1, dim=-1), F.normalize(alt, dim=-1), scale) + \
+                clip(F.normalize(image.cls2, dim=-1), F.normalize(caption, dim=-1), scale)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def time_lightning(cfg, batch, steps: int, device: str) -> float:
+    """Trainer.fit over the same batch, timed between batch ends after two warm-up steps."""
+    import lightning as L
+
+    from tipslab.platform.train import build_strategy
+
+    ends: list[float] = []
+
+    class StepEnds(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            _sync(device)
+            ends.append(time.perf_counter())
+
+    trainer = L.Trainer(max_steps=steps + 2, accelerator="gpu" if device == "cuda" else "cpu", devices=1,
+                        strategy=build_strategy(cfg), precision="bf16-mixed" if device == "cuda" else "32-true",
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[StepEnds()], limit_val_batches=0)
+    class SameBatch:  # an iterable of batches (a plain list would be read as a list of loaders)
+        def __iter__(self):
+            return iter([batch] * (steps + 2))
+
+        def __len__(self):
+            return steps + 2
+
+    trainer.fit(PretrainingSystem(cfg), train_dataloaders=SameBatch())
+    return (ends[-1] - ends[1]) / steps
+
+
+def _cfg(exp: str, extra: list[str], args):
+    return load_config(exp, [f"model.vision.size={args.size}", f"model.text.size={args.size}",
+                             f"model.vision.img_size={args.img}", f"data.batch_size={args.batch}",
+                             "data.num_train=" + str(max(args.batch, 64)), *extra])
+
+
 def run_variant(name: str, args) -> None:
-    """One variant in this process; prints 'seconds peak_mb trained_params' for the parent to read."""
+    """One variant in this process; prints 'seconds peak_mb' for the parent to read."""
     torch.manual_seed(0)
-    exp, extra = VARIANTS[name]
-    cfg = load_config(exp, [f"model.vision.size={args.size}", f"model.text.size={args.size}",
-                            f"model.vision.img_size={args.img}", f"data.batch_size={args.batch}",
-                            "data.num_train=" + str(max(args.batch, 64)), *extra])
-    system = PretrainingSystem(cfg)
-    if cfg.trainer.activation_checkpointing:
-        system = _with_checkpointing(system)
-    system = system.to(args.device).train()
-    batch = _batch(cfg).to(args.device)
-    seconds = time_steps(system, batch, args.steps, args.device)
+    if args.recipes:
+        exp, extra = RECIPES[name]
+        loop = "system"
+    else:
+        exp, (loop, extra) = "ablate_contrastive", OVERHEAD[name]
+    cfg = _cfg(exp, extra, args)
+    batch = _batch(cfg)
+    if loop == "bare":
+        seconds = time_bare_loop(cfg, batch.to(args.device), args.steps, args.device)
+    elif loop == "lightning":
+        seconds = time_lightning(cfg, batch, args.steps, args.device)
+    else:
+        system = PretrainingSystem(cfg)
+        if cfg.trainer.activation_checkpointing:
+            system = _with_checkpointing(system)
+        seconds = time_steps(system.to(args.device).train(), batch.to(args.device), args.steps, args.device)
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{seconds} {peak} {system.parameter_counts()['params/trained']}")
+    print(f"{seconds} {peak}")
+
+
+def step_flops(args) -> float:
+    """FLOPs of one training step (forward + backward) of the contrastive system, counted once."""
+    from tipslab.platform.throughput import count_flops
+
+    cfg = _cfg("ablate_contrastive", [], args)
+    system = PretrainingSystem(cfg).to(args.device).train()
+    batch = _batch(cfg).to(args.device)
+
+    def step():
+        with _autocast(args.device):
+            loss, _ = system(batch)
+        loss.backward()
+
+    return count_flops(step)[0]
 
 
 def main() -> None:
@@ -97,30 +212,50 @@ def main() -> None:
     parser.add_argument("--size", default="tiny")
     parser.add_argument("--img", type=int, default=112)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="also the compiled rows on CPU (slow to compile)")
+    parser.add_argument("--recipes", action="store_true", help="the recipes table instead of the overhead table")
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         run_variant(args.variant, args)
         return
-    rows = []
-    for name in VARIANTS:
+    names = list(RECIPES) if args.recipes else [
+        n for n in OVERHEAD if args.device == "cuda" or args.compile or "compile" not in n]
+    rows = {}
+    for name in names:
         # A process per variant, so each peak is its own.
         out = subprocess.run(
             [sys.executable, __file__, "--variant", name, "--steps", str(args.steps), "--batch", str(args.batch),
-             "--size", args.size, "--img", str(args.img), "--device", args.device],
-            capture_output=True, text=True, check=True,
+             "--size", args.size, "--img", str(args.img), "--device", args.device,
+             *(["--recipes"] if args.recipes else [])],
+            capture_output=True, text=True,
         )
-        seconds, peak, trained = map(float, out.stdout.split()[-3:])
-        rows.append((name, seconds, peak, trained))
-    base_s, base_peak = rows[0][1], rows[0][2]
+        if out.returncode:
+            last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
+            print(f"{name}: failed: {last[:300]}")
+            continue
+        rows[name] = tuple(map(float, out.stdout.split()[-2:]))
     memory = "peak GPU MB" if args.device == "cuda" else "peak RSS MB"
     print(f"\ntrain step, {args.size} towers, batch {args.batch}, {args.img}px, {args.device}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'variant':28s} {'ms/step':>9s} {'images/s':>9s} {'vs base':>8s} {memory:>12s} {'vs base':>8s} "
-          f"{'trained params':>15s}")
-    for name, seconds, peak, trained in rows:
-        print(f"{name:28s} {seconds * 1e3:9.1f} {args.batch / seconds:9.1f} {seconds / base_s:7.2f}x"
-              f" {peak:12.0f} {peak / base_peak:7.2f}x {trained:15,.0f}")
+    if args.recipes:
+        base_s, base_peak = rows[names[0]]
+        print(f"{'variant':28s} {'ms/step':>9s} {'images/s':>9s} {'vs base':>8s} {memory:>12s} {'vs base':>8s}")
+        for name, (seconds, peak) in rows.items():
+            print(f"{name:28s} {seconds * 1e3:9.1f} {args.batch / seconds:9.1f} {seconds / base_s:7.2f}x"
+                  f" {peak:12.0f} {peak / base_peak:7.2f}x")
+        return
+    from tipslab.platform.throughput import device_peak_flops
+
+    flops = step_flops(args)
+    peak_flops, source = device_peak_flops(torch.device(args.device))
+    print(f"one step: {flops / 1e9:.1f} GFLOP (FlopCounterMode); peak {peak_flops / 1e12:.2f} TFLOP/s ({source})")
+    print(f"{'variant':30s} {'ms/step':>9s} {'images/s':>9s} {'vs bare':>8s} {'TFLOP/s':>8s} {'MFU':>6s} {memory:>12s}")
+    for name, (seconds, peak) in rows.items():
+        base = rows.get("bare loop, blocks compiled" if "compile" in name else "bare loop", (seconds, 0))[0]
+        achieved = flops / seconds
+        print(f"{name:30s} {seconds * 1e3:9.1f} {args.batch / seconds:9.1f} {seconds / base:7.2f}x"
+              f" {achieved / 1e12:8.3f} {achieved / peak_flops:6.3f} {peak:12.0f}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ log = logging.getLogger(__name__)
 
 
 class LossHistory(L.Callback):
-    """First and last training loss, averaged over a few steps so one noisy batch does not decide."""
+    """The loss of the global batch per step, logged as `train/global_loss` (each rank's
+    `train/loss` covers its own rows only), and the first and last of it, averaged over a few
+    steps so one noisy batch does not decide. Its curve is the same at any world size for the same
+    global batch, which is how a sharded run is checked against a single-process one."""
 
     def __init__(self, window: int = 5):
         self.window = window
@@ -21,8 +24,14 @@ class LossHistory(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self.losses.append(float(loss.detach()))
+        if loss is None:
+            return
+        loss = loss.detach()
+        if trainer.world_size > 1:  # every rank reaches here each step: the collective is safe
+            loss = trainer.strategy.reduce(loss.clone(), reduce_op="mean")
+        self.losses.append(float(loss))
+        if trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics({"train/global_loss": self.losses[-1]}, step=trainer.global_step)
 
     @property
     def first(self) -> float | None:
@@ -82,19 +91,32 @@ class PicturesCallback(L.Callback):
 
 
 class PointingGameCallback(L.Callback):
-    """At the end of training, logs patch-text pointing accuracy on scenes val (dense and final
-    patch features) with its chance level, so recipes can be compared on patch alignment."""
+    """Patch-text pointing accuracy on scenes val (dense and final patch features) with its chance
+    level, so recipes can be compared on patch alignment: at the end of training and, as a curve,
+    every `eval.every_n_steps` steps (it can rise early and fall later)."""
 
     def __init__(self, cfg, tokenizer):
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.every = int(cfg.eval.every_n_steps)
         self.results: dict[str, float] = {}
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step  # the same for each micro-batch of an accumulated step: once per step
+        if self.every > 0 and step % self.every == 0 and 0 < step < int(self.cfg.trainer.max_steps) \
+                and step != self._last_step:
+            self._evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
+        self._evaluate(trainer, pl_module)
+
+    def _evaluate(self, trainer, pl_module):
         from tipslab.datamodules.scenes import ScenesDataset
         from tipslab.platform.eval_callback import gathered_encoder
         from tipslab.platform.evaluate import pointing_game
 
+        self._last_step = trainer.global_step
         encoder = gathered_encoder(pl_module)  # every rank: under FSDP2 the gather is a collective
         if not trainer.is_global_zero:
             return

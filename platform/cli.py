@@ -1,5 +1,5 @@
-"""The `tipslab` console script: train, config, experiments, index, search, serve, embed, eval, probe, predict,
-shards.
+"""The `tipslab` console script: train, config, experiments, export, index, search, serve, embed, eval, probe,
+predict, shards.
 
 Bad input (a `TipslabError`) prints one line and exits 2; anything else is a bug and keeps
 its traceback.
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiments.set_defaults(func=_cmd_experiments)
 
     from tipslab.datamodules import shard_cli
-    from tipslab.platform import embed, eval_cli, predict
+    from tipslab.platform import embed, eval_cli, export, predict
     from tipslab.retrieval import cli as retrieval_cli
     from tipslab.retrieval import serve_cli
 
@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval_cli.add_search_parser(sub)
     serve_cli.add_serve_parser(sub)
     embed.add_parser(sub)
+    export.add_parser(sub)
     eval_cli.add_parser(sub)
     predict.add_parser(sub)
     shard_cli.add_parser(sub)

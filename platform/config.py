@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
@@ -72,6 +73,45 @@ def _check_keys(defaults: DictConfig, layer: DictConfig, where: str) -> None:
     for key in _flat_keys(plain):
         if key not in valid:
             raise _unknown_key_error(defaults, key, where)
+        group = OmegaConf.select(defaults, key, throw_on_missing=False, throw_on_resolution_failure=False)
+        value = OmegaConf.select(layer, key, throw_on_missing=False, throw_on_resolution_failure=False)
+        if isinstance(group, DictConfig) and not isinstance(value, DictConfig):
+            # `trainer=5` would replace the whole group and crash much later.
+            first = next(iter(group.keys()), "key")
+            raise TipslabError(f"config key '{key}' in {where} is a group of keys, not a value: got {value!r}; "
+                               f"set its keys instead (e.g. {key}.{first}=...)")
+
+
+# Values Lightning or the data loaders would only reject deep inside a run: (smallest allowed, what it means).
+_LOWER_BOUNDS = {
+    "trainer.max_steps": (1, "at least one training step"),
+    "trainer.num_nodes": (1, "at least one node"),
+    "trainer.accumulate_grad_batches": (1, "at least one batch per optimizer step"),
+    "trainer.log_every_n_steps": (1, "a positive step interval"),
+    "checkpoint.every_n_steps": (1, "a positive step interval"),
+    "checkpoint.keep_last": (1, "at least the newest checkpoint"),
+    "data.batch_size": (1, "at least one sample per batch"),
+    "data.num_workers": (0, "0 (load in the main process) or more"),
+    "data.num_train": (1, "at least one training image"),
+    "optim.warmup_steps": (0, "0 or more steps"),
+    "eval.every_n_steps": (0, "0 (only at the end) or a step interval"),
+}
+
+
+# Dense probes (defaults_probe.yaml) may run without checkpoints.
+_PROBE_LOWER_BOUNDS = {**_LOWER_BOUNDS, "checkpoint.every_n_steps": (0, "0 (no checkpoints) or a step interval")}
+
+
+def _check_ranges(cfg: DictConfig, where: str, bounds: dict) -> None:
+    for key, (lowest, meaning) in bounds.items():
+        value = OmegaConf.select(cfg, key, throw_on_missing=False, default=None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < lowest:
+            raise TipslabError(f"config key '{key}' in {where} or the overrides must be >= {lowest} "
+                               f"({meaning}), got {value!r}")
+    devices = OmegaConf.select(cfg, "trainer.devices", default=None)
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices < 1 and devices != -1:
+        raise TipslabError(f"config key 'trainer.devices' in {where} or the overrides must be a positive number "
+                           f"of devices, -1 or 'auto', got {devices!r}")
 
 
 def _type_name(value) -> str:
@@ -126,10 +166,7 @@ def _experiment_layers(exp_path: Path, defaults: str = "defaults",
                        seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
     """The experiment file and, first, the files it builds on: an experiment may say
     ``base: <experiment>`` to start from another one (the ablations start from tipsv2_tiny)."""
-    try:
-        layer = OmegaConf.load(exp_path)
-    except OmegaConfBaseException as err:
-        raise TipslabError(f"cannot read experiment file {exp_path}: {err}") from err
+    layer = _load_yaml(exp_path)
     if layer is None or not isinstance(layer, DictConfig):
         layer = OmegaConf.create({})
     base = layer.pop("base", None)
@@ -143,24 +180,63 @@ def _experiment_layers(exp_path: Path, defaults: str = "defaults",
     return [*_experiment_layers(base_path, defaults, (*seen, exp_path)), (exp_path, layer)]
 
 
+def _yaml_problem(err: Exception, lines: bool = True) -> str:
+    """One line from a YAML error: what is wrong and where (PyYAML's messages span several lines)."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None and lines else ""
+        problem = err.problem or err.context or "invalid YAML"
+        if "cannot start any token" in problem:
+            problem += " (a tab? YAML indents with spaces)"
+        return f"{problem}{where}"
+    return " ".join(str(err).split())
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        layer = OmegaConf.load(path)
+    except UnicodeDecodeError as err:
+        raise TipslabError(f"cannot read experiment file {path}: not a text YAML file "
+                           f"(byte {err.start} is not UTF-8)") from err
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        raise TipslabError(f"cannot read experiment file {path}: {_yaml_problem(err)}") from err
+    except OSError as err:
+        raise TipslabError(f"cannot read experiment file {path}: {err.strerror}") from err
+    if layer is not None and not isinstance(layer, DictConfig):
+        raise TipslabError(f"cannot read experiment file {path}: it must be a mapping of keys (e.g. 'trainer: {{max_steps: 10}}'), "
+                           f"got a list")
+    return layer
+
+
+def _parse_overrides(overrides) -> DictConfig:
+    layers = []
+    for item in overrides:
+        if "=" not in item:
+            raise TipslabError(f"override '{item}' is not of the form key=value (e.g. trainer.max_steps=200)")
+        try:  # one at a time, so the error names the override that is broken
+            layers.append(OmegaConf.from_dotlist([item]))
+        except (yaml.YAMLError, OmegaConfBaseException) as err:
+            raise TipslabError(f"cannot parse override '{item}': {_yaml_problem(err, lines=False)} "
+                               f"(quote a value that is meant as text)") from err
+    try:
+        return OmegaConf.merge(OmegaConf.create({}), *layers)
+    except OmegaConfBaseException as err:
+        raise TipslabError(f"cannot combine overrides {list(overrides)}: {err}") from err
+
+
 def load_config(exp: str, overrides: list[str] | tuple[str, ...] = (), defaults: str = "defaults") -> DictConfig:
     """The resolved, struct-mode config of experiment `exp` with `key=value` overrides applied.
 
     `defaults` names the key set in experiments/ (`defaults`: pretraining; `defaults_probe`:
     dense probes, `tipslab probe`)."""
+    key_set = defaults
     exp_path = resolve_experiment_path(exp, defaults)
     layers = _experiment_layers(exp_path, defaults)
     defaults = OmegaConf.load(experiments_dir() / f"{defaults}.yaml")
     for path, layer in layers:
         _check_keys(defaults, layer, str(path))
 
-    for item in overrides:
-        if "=" not in item:
-            raise TipslabError(f"override '{item}' is not of the form key=value (e.g. trainer.max_steps=200)")
-    try:
-        override_layer = OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
-        raise TipslabError(f"cannot parse overrides {list(overrides)}: {err}") from err
+    override_layer = _parse_overrides(overrides)
     _check_keys(defaults, override_layer, "the command-line overrides")
 
     OmegaConf.set_struct(defaults, True)
@@ -177,6 +253,7 @@ def load_config(exp: str, overrides: list[str] | tuple[str, ...] = (), defaults:
     except OmegaConfBaseException as err:
         raise TipslabError(f"cannot resolve config of {exp_path}: {err}") from err
     _check_types(defaults, cfg, str(exp_path))
+    _check_ranges(cfg, str(exp_path), _PROBE_LOWER_BOUNDS if key_set == "defaults_probe" else _LOWER_BOUNDS)
     return cfg
 
 

@@ -87,7 +87,9 @@ def run_info(model: str) -> tuple[str, str, Path] | None:
     if not (id_file.is_file() and config.is_file()):
         return None
     uri = OmegaConf.load(config).get("tracking", {}).get("tracking_uri")
-    return uri or f"sqlite:///{run_dir.parent / 'mlflow.db'}", id_file.read_text().strip(), run_dir
+    # tipslab train: <runs>/<experiment>/<run name>/model, the store in <runs>; probes one level up.
+    store = next((d for d in (run_dir.parent.parent, run_dir.parent) if (d / "mlflow.db").is_file()), run_dir.parent)
+    return uri or f"sqlite:///{store / 'mlflow.db'}", id_file.read_text().strip(), run_dir
 
 
 def run_eval(args) -> int:

@@ -16,6 +16,8 @@ The order matters (as in DINOv3's `ac_compile_parallelize`):
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -80,3 +82,27 @@ def parallelize_system(system, device_mesh, cfg) -> None:
     for block in transformer_blocks(system):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(system, mesh=mesh, mp_policy=policy)
+
+
+def fsdp2_strategy(world: int):
+    """Lightning's ModelParallelStrategy as pure FSDP2 (every device one data-parallel shard) that
+    also skips the gradient reduce-scatter on non-final micro-batches of gradient accumulation:
+    Lightning's `block_backward_sync` only knows DDP's `no_sync`."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class FSDP2Strategy(ModelParallelStrategy):
+        @contextmanager
+        def block_backward_sync(self):
+            from torch.distributed.fsdp import FSDPModule
+
+            model = self.model
+            if not isinstance(model, FSDPModule):
+                yield None
+                return
+            model.set_requires_gradient_sync(False)  # recurses into every sharded block
+            try:
+                yield None
+            finally:
+                model.set_requires_gradient_sync(True)
+
+    return FSDP2Strategy(data_parallel_size=world, tensor_parallel_size=1)

@@ -24,6 +24,7 @@ def print_train_summary(result) -> None:
         print(f"  evaluation     : {result.run_dir / 'eval' / 'eval.md'}  (and its pictures; tipslab eval MODEL)")
     print(f"  MLflow run     : {result.experiment_name} / {result.run_id}")
     print(f"                   open: make mlflow-ui  (or: mlflow ui --backend-store-uri {shlex.quote(db)})")
-    print(f"  checkpoints    : {result.checkpoint_dir}  (resume: checkpoint.resume=last)")
+    print(f"  run folder     : {result.run_dir}")
+    print(f"  checkpoints    : {result.checkpoint_dir}  (continue: checkpoint.resume={result.run_dir.name})")
     print(f"  model          : {result.model_dir}")
     print(f"                   index with it: tipslab index {result.model_dir} scenes:val --out <dir>")

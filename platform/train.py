@@ -1,7 +1,9 @@
 """`tipslab train`: build the data, the system, the tracker and the Lightning trainer, then fit.
 
-At the end the encoder is exported as a tipslab checkpoint (model.safetensors + model.yaml) in
-<run_dir>/model and logged, with the resolved config and pictures, to the MLflow run.
+Each run has its own folder, `<run_dir>/<run name>` (platform/runs.py decides it and what to
+resume). At the end the encoder is exported as a tipslab checkpoint (model.safetensors +
+model.yaml) in `<run folder>/model` and logged, with the resolved config and pictures, to the
+MLflow run.
 """
 
 from __future__ import annotations
@@ -65,11 +67,10 @@ def preflight(cfg: DictConfig) -> None:
 
 def build_strategy(cfg: DictConfig):
     if cfg.trainer.strategy == "fsdp":
-        from lightning.pytorch.strategies import ModelParallelStrategy
+        from tipslab.platform.parallelize import fsdp2_strategy
 
         # Pure FSDP2: every device is one data-parallel shard (no tensor parallelism).
-        world = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
-        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+        return fsdp2_strategy(int(cfg.trainer.devices) * int(cfg.trainer.num_nodes))
     if cfg.trainer.strategy == "auto":
         return "auto"
     raise TipslabError(f"trainer.strategy must be 'auto' or 'fsdp', got {cfg.trainer.strategy!r}")
@@ -103,12 +104,55 @@ def start_run(cfg: DictConfig) -> tuple[Path, Path, str | None]:
     return run_dir, checkpoint_dir, ckpt_path
 
 
+def _first_process() -> bool:
+    """Rank 0 of the job, before Lightning has set ranks up (children and torchrun ranks say theirs)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and \
+        int(os.environ.get("NODE_RANK", "0")) == 0
+
+
+def start_training_run(cfg: DictConfig):
+    """Decide the run's own folder and its checkpoint (platform/runs.py), point `cfg.run_dir` and
+    `cfg.tracking.run_name` at them (every callback writes into cfg.run_dir), save the config.
+    Returns (plan, experiment folder)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+    from tipslab.platform.runs import RUN_NAME_ENV, link_latest, plan_run
+
+    _quiet_known_noise()
+    experiment_dir = Path(cfg.run_dir).resolve()
+    cfg.run_dir = str(experiment_dir)
+    plan = plan_run(cfg)
+    if plan.checkpoint is not None and plan.checkpoint.is_dir() and cfg.trainer.strategy != "fsdp":
+        raise TipslabError(f"{plan.checkpoint} is a sharded (FSDP2) checkpoint: resume it with trainer.strategy=fsdp "
+                           "(any number of devices), or export its model with trainer.strategy=fsdp first")
+    for note in plan.notes:
+        (rank_zero_warn if note.startswith("skipped") else rank_zero_info)(note)
+    cfg.run_dir = str(plan.run_dir)
+    cfg.tracking.run_name = plan.name
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    if _first_process():
+        save_config(cfg, plan.run_dir / "config.yaml")
+        link_latest(plan.run_dir.parent, plan.name)
+        # The processes Lightning spawns for the other devices re-run this command: they must
+        # pick the same folder, not a new time stamp.
+        os.environ[RUN_NAME_ENV] = plan.name
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    return plan, experiment_dir
+
+
 def train(cfg: DictConfig) -> TrainResult:
-    from lightning.pytorch.callbacks import (
-        LearningRateMonitor,
-        ModelCheckpoint,
-        TQDMProgressBar,
-    )
+    from tipslab.platform.runs import RUN_NAME_ENV
+
+    named_by_caller = RUN_NAME_ENV in os.environ
+    try:
+        return _train(cfg)
+    finally:
+        if not named_by_caller:  # a second run in this process gets a name of its own
+            os.environ.pop(RUN_NAME_ENV, None)
+
+
+def _train(cfg: DictConfig) -> TrainResult:
+    from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 
     from tipslab.datamodules.datamodule import PretrainDataModule
     from tipslab.modules.checkpoint import save_checkpoint
@@ -119,28 +163,30 @@ def train(cfg: DictConfig) -> TrainResult:
         PointingGameCallback,
         StepThroughput,
     )
+    from tipslab.platform.checkpointing import AtomicCheckpoint
     from tipslab.platform.resources import ResourceUsage
     from tipslab.platform.system import PretrainingSystem
+    from tipslab.platform.throughput import Throughput
 
     preflight(cfg)
-    run_dir, checkpoint_dir, ckpt_path = start_run(cfg)
+    plan, experiment_dir = start_training_run(cfg)
+    run_dir, checkpoint_dir = plan.run_dir, plan.run_dir / "checkpoints"
+    ckpt_path = str(plan.checkpoint) if plan.checkpoint is not None else None
     tokenizer = build_tokenizer(**cfg.model.tokenizer)
     datamodule = PretrainDataModule(cfg.data, tokenizer, seed=int(cfg.seed))
     system = PretrainingSystem(cfg)
 
-    logger = build_logger(cfg, resume=ckpt_path is not None)
+    # A run continued in its own folder goes on in its MLflow run; a new one (also one started from
+    # another run's checkpoint) gets its own. The store stays beside the experiment folders.
+    logger = build_logger(cfg, resume=plan.checkpoint is not None and plan.checkpoint.is_relative_to(run_dir),
+                          store_root=experiment_dir.parent)
     history = LossHistory()
     callbacks = [
-        ModelCheckpoint(
-            dirpath=checkpoint_dir,
-            every_n_train_steps=int(cfg.checkpoint.every_n_steps),
-            save_last=True,
-            save_top_k=-1,
-            filename="step{step:07d}",
-            auto_insert_metric_name=False,
-        ),
+        AtomicCheckpoint(checkpoint_dir, int(cfg.checkpoint.every_n_steps), int(cfg.checkpoint.keep_last),
+                         int(cfg.checkpoint.pin_every_n_steps)),
         LearningRateMonitor(logging_interval="step"),
         StepThroughput(),
+        Throughput(int(cfg.trainer.log_every_n_steps), count_flops=not cfg.trainer.compile),
         history,
         ResourceUsage(),
     ]
@@ -190,7 +236,7 @@ def train(cfg: DictConfig) -> TrainResult:
         run_dir=run_dir,
         model_dir=model_dir,
         checkpoint_dir=checkpoint_dir,
-        tracking_uri=logger._tracking_uri or default_tracking_uri(cfg),
+        tracking_uri=logger._tracking_uri or default_tracking_uri(cfg, experiment_dir.parent),
         experiment_name=cfg.tracking.experiment_name,
         run_id=logger.run_id,
         first_loss=history.first,
@@ -209,6 +255,8 @@ def _quiet_known_noise() -> None:
     """Hide messages that are not about this run, so the ones that are stay visible."""
     # Lightning's throughput monitor asks for a FLOP count we do not provide; images/s is what we log.
     warnings.filterwarnings("ignore", message=".*flops_per_batch.*")
+    # Each run has its own checkpoint folder: a non-empty one is a run being continued.
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
     # A deprecation inside Lightning's own pytree helper, not in tipslab code.
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")

@@ -92,3 +92,52 @@ def test_every_experiments_components_build_and_accept_its_data():
             component.check_data(data_views(cfg.data))
         if name.startswith("ablate_") or name == "tipsv2_tiny":
             assert cfg.trainer.max_steps == load_config("tipsv2_tiny").trainer.max_steps, name  # one budget
+
+
+@pytest.mark.parametrize("text, problem", [
+    (b"trainer:\n  max_steps: [1\n", r"line 3.*"),                       # syntax error
+    (b"trainer:\n\tmax_steps: 3\n", r"tab\? YAML indents with spaces.*line 2"),
+    (b"trainer:\n  max_steps: 3\n  max_steps: 4\n", r"duplicate key max_steps at line 3"),
+    (bytes(range(256)) * 4, r"not a text YAML file"),                    # a binary file
+    (b"- a list\n- not keys\n", r"must be a mapping of keys"),
+])
+def test_broken_experiment_file_is_one_line_naming_the_file(tmp_path, text, problem):
+    exp = tmp_path / "broken.yaml"
+    exp.write_bytes(text)
+    with pytest.raises(TipslabError, match=r"broken\.yaml: .*" + problem) as info:
+        load_config(str(exp))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.max_steps=[1,2", r"cannot parse override 'trainer\.max_steps=\[1,2'"),
+    ("trainer=5", r"'trainer' .* is a group of keys, not a value: got 5"),
+    ("trainer.max_steps=-5", r"'trainer\.max_steps' .* must be >= 1 .*got -5"),
+    ("checkpoint.every_n_steps=0", r"'checkpoint\.every_n_steps' .* must be >= 1 .*got 0"),
+    ("data.batch_size=0", r"'data\.batch_size' .* must be >= 1"),
+    ("checkpoint.keep_last=0", r"'checkpoint\.keep_last' .* must be >= 1"),
+])
+def test_malformed_or_out_of_range_override_names_the_key(override, message):
+    with pytest.raises(TipslabError, match=message) as info:
+        load_config("tipsv2_tiny", [override])
+    assert "\n" not in str(info.value)
+
+
+def test_group_replaced_by_a_scalar_in_a_file_is_refused(tmp_path):
+    exp = tmp_path / "flat.yaml"
+    exp.write_text("optim: 0.1\n")
+    with pytest.raises(TipslabError, match=r"'optim' in .*flat\.yaml is a group of keys"):
+        load_config(str(exp))
+
+
+def test_probes_may_still_run_without_checkpoints():
+    cfg = load_config("probe_seg_scenes", ["encoder.path=x", "checkpoint.every_n_steps=0"], defaults="defaults_probe")
+    assert cfg.checkpoint.every_n_steps == 0
+
+
+def test_cli_prints_one_line_and_exits_2_for_a_broken_override(capsys):
+    from tipslab.platform.cli import main
+
+    assert main(["config", "tipsv2_tiny", "trainer.max_steps=[1,2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "trainer.max_steps" in err and "Traceback" not in err

@@ -27,7 +27,7 @@ def test_demo_end_to_end(tmp_path):
     # It ends with the run's evaluation table (every suite) and its pictures.
     for suite in ("zeroshot_seg", "retrieval", "classification", "knn", "regions"):
         assert f"| {suite}" in out.stdout
-    eval_dir = runs / "tipsv2_tiny" / "eval"
+    eval_dir = runs / "tipsv2_tiny" / "latest" / "eval"  # each run in its own folder, the newest linked
     for name in ("eval.md", "eval.csv", "pca.png", "zeroshot_seg.png", "query_heatmaps.png", "curves.png"):
         assert (eval_dir / name).is_file(), name
 

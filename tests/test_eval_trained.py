@@ -39,7 +39,7 @@ def runs(tmp_path_factory):
                                       "eval.every_n_steps=25", "eval.pointing_game=false", "tracking.pictures=false",
                                       "checkpoint.every_n_steps=1000"])
     result = train(cfg)
-    trained = pl.read_csv(run_dir / "eval" / "eval.csv")
+    trained = pl.read_csv(result.run_dir / "eval" / "eval.csv")
     torch.manual_seed(0)
     untrained_model = loaded_for(build_encoder(cfg.model).eval(), build_tokenizer(**cfg.model.tokenizer), cfg)
     untrained = evaluate_model(untrained_model, "all", settings=cfg.eval, pictures=False, log=None).table

@@ -48,7 +48,7 @@ def test_tiny_run_is_tracked_exported_and_resumes(tmp_path):
     result = train(cfg)
 
     assert (result.model_dir / "model.safetensors").is_file()
-    assert (run_dir / "config.yaml").is_file()
+    assert result.run_dir.parent == run_dir and (result.run_dir / "config.yaml").is_file()
     assert (result.checkpoint_dir / "last.ckpt").is_file()
 
     mlflow.set_tracking_uri(result.tracking_uri)
@@ -102,10 +102,11 @@ def test_fsdp2_on_two_cpu_processes_trains_checkpoints_and_resumes(tmp_path):
               "eval.suites=[zeroshot_seg]", "eval.num_scenes=8"]
     first = _tipslab("train", WHOLE, *common, "trainer.max_steps=3")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert (run_dir / "model" / "model.safetensors").is_file()
-    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    (run,) = [p for p in run_dir.iterdir() if p.name != "latest"]  # both ranks wrote into one run folder
+    assert (run / "model" / "model.safetensors").is_file()
+    assert (run / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
     # The end-of-run evaluation gathered the shards instead of skipping the sharded encoder.
-    assert "| zeroshot_seg" in (run_dir / "eval" / "eval.md").read_text()
+    assert "| zeroshot_seg" in (run / "eval" / "eval.md").read_text()
     second = _tipslab("train", WHOLE, *common, "trainer.max_steps=5", "checkpoint.resume=last")
     assert second.returncode == 0, second.stderr[-3000:]
 
@@ -125,6 +126,7 @@ def test_fsdp2_full_ema_teacher_and_frozen_distillation_teacher_on_two_processes
                    "ema.mode=full", "components.distill.enabled=true", f"distill_teacher.path={tmp_path / 'teacher'}",
                    "trainer.max_steps=3")
     assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = run_dir / "latest"
     assert (run_dir / "model" / "model.safetensors").is_file()
     saved = " ".join(p.name for p in (run_dir / "checkpoints" / "last.ckpt").rglob("*"))
     metadata = (run_dir / "checkpoints" / "last.ckpt" / ".metadata").read_bytes()
