@@ -2,7 +2,7 @@
 training callback and ablation scripts.
 
     from tipslab.platform.eval_suites import evaluate_model
-    report = evaluate_model("runs/tipsv2_tiny/model", suites=["zeroshot_seg", "regions"])
+    report = evaluate_model("runs/tipsv2_tiny/latest/model", suites=["zeroshot_seg", "regions"])
     report.table      # polars: suite, data, variant, metric, value, chance
     report.metrics()  # {"eval/zeroshot_seg/scenes/dense/mIoU": ..., ...} for MLflow
 

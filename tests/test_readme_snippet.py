@@ -13,7 +13,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_readme_search_snippet_runs(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
     snippet = next(b for b in blocks if "tipslab.search(" in b)
-    model = save_tiny(tmp_path / "runs" / "tipsv2_tiny" / "model")
+    model = save_tiny(tmp_path / "runs" / "tipsv2_tiny" / "latest" / "model")  
     build_index(model, "scenes:val:2", tmp_path / "runs" / "index", progress=False)
     monkeypatch.chdir(tmp_path)  # the snippet's relative paths, as after `make demo`
     scope: dict = {}
@@ -36,7 +36,7 @@ def test_readme_index_and_search_commands_work_after_the_demo(tmp_path, monkeypa
     block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
     commands = [shlex.split(line.split("#", 1)[0]) for line in block.splitlines() if line.startswith(".venv/bin/tipslab")]
     assert [c[1] for c in commands] == ["index", "search", "serve"]
-    model = save_tiny(tmp_path / "runs" / "tipsv2_tiny" / "model")
+    model = save_tiny(tmp_path / "runs" / "tipsv2_tiny" / "latest" / "model")  
     build_index(model, "scenes:val:2", tmp_path / "runs" / "index", progress=False)  # what `make demo` left
     monkeypatch.chdir(tmp_path)
     for command in commands[:2]:  # serve runs until stopped: tests/test_serve.py starts it
