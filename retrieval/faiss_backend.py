@@ -11,23 +11,23 @@ from tipslab.errors import TipslabError
 DEFAULT_NPROBE = 16
 
 
-def _faiss():
+def faiss_module():
     import faiss
 
     return faiss
 
 
 def gpu_available() -> bool:
-    faiss = _faiss()
+    faiss = faiss_module()
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def _to_gpu(index):
+def to_gpu(index):
     """A GPU clone of a Flat/IVF index for searching; the CPU index where that is not possible.
 
     Untested here (no GPU in CI); kept small on purpose. HNSW and some codecs do not clone.
     """
-    faiss = _faiss()
+    faiss = faiss_module()
     try:
         resources = faiss.StandardGpuResources()
         gpu_index = faiss.index_cpu_to_gpu(resources, 0, index)
@@ -37,8 +37,8 @@ def _to_gpu(index):
         return index
 
 
-def _to_cpu(index):
-    faiss = _faiss()
+def to_cpu(index):
+    faiss = faiss_module()
     if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
         return faiss.index_gpu_to_cpu(index)
     return index
@@ -46,7 +46,7 @@ def _to_cpu(index):
 
 def new_faiss_index(factory: str, dim: int):
     """An empty inner-product index from a factory string, or a clear error naming the string."""
-    faiss = _faiss()
+    faiss = faiss_module()
     try:
         return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
@@ -54,9 +54,9 @@ def new_faiss_index(factory: str, dim: int):
         raise TipslabError(f"--factory {factory!r}: FAISS cannot build it for dim {dim} ({first})") from None
 
 
-def _min_train_points(index) -> int:
+def min_train_points(index) -> int:
     """The fewest training vectors FAISS accepts for this index (k-means needs >= k points)."""
-    faiss = _faiss()
+    faiss = faiss_module()
     needed, ivf = 1, None
     with contextlib.suppress(RuntimeError):
         ivf = faiss.extract_index_ivf(index)
@@ -69,9 +69,9 @@ def _min_train_points(index) -> int:
     return needed
 
 
-def _search_params(index) -> str:
+def default_search_params(index) -> str:
     """Default search parameters kept in the manifest (IVF: probe 16 lists, or all if fewer)."""
-    faiss = _faiss()
+    faiss = faiss_module()
     try:
         nlist = int(faiss.extract_index_ivf(index).nlist)
     except RuntimeError:
@@ -79,12 +79,49 @@ def _search_params(index) -> str:
     return f"nprobe={min(nlist, DEFAULT_NPROBE)}"
 
 
-def _apply_params(index, params: str) -> None:
+def apply_params(index, params: str) -> None:
     if not params:
         return
-    faiss = _faiss()
+    faiss = faiss_module()
     space = faiss.GpuParameterSpace() if "Gpu" in type(index).__name__ else faiss.ParameterSpace()
     try:
         space.set_index_parameters(index, params)
     except RuntimeError as err:
         raise TipslabError(f"search params {params!r}: FAISS rejects them for this index ({err})") from None
+
+
+GPU_MAX_K = 2048  # FAISS GPU indexes return at most this many neighbours per query
+
+
+def ivf_of(index):
+    """The inverted-file layer of an index (through OPQ / pre-transforms), or None."""
+    faiss = faiss_module()
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def exact_codes(index) -> bool:
+    """Whether the index stores vectors uncompressed (its scores need no exact re-scoring)."""
+    faiss = faiss_module()
+    inner = faiss.downcast_index(index)
+    return isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFFlat))
+
+
+def set_nprobe(index, nprobe: int) -> None:
+    ivf = ivf_of(index)
+    if ivf is not None:
+        ivf.nprobe = int(nprobe)
+
+
+def cluster_on_gpu(index) -> None:
+    """Let an IVF index's k-means run on the GPUs when faiss-gpu sees one (the slow part of training);
+    the index itself stays on the CPU, where every code type works."""
+    faiss = faiss_module()
+    ivf = ivf_of(index)
+    if ivf is None or not gpu_available():
+        return
+    with contextlib.suppress(Exception):  # any failure: cluster on the CPU as before
+        flat = faiss.IndexFlatIP(ivf.d) if ivf.metric_type == faiss.METRIC_INNER_PRODUCT else faiss.IndexFlatL2(ivf.d)
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(flat)
