@@ -38,15 +38,16 @@ class FactoryChoice:
 def choose_factory(num_vectors: int, dim: int, *, memory_budget: int | None = None) -> FactoryChoice:
     """The factory for ``num_vectors`` vectors of ``dim`` under ``memory_budget`` resident bytes.
 
-    ``memory_budget`` defaults to `DEFAULT_BYTES_PER_VECTOR` per vector.
+    ``memory_budget`` defaults to `DEFAULT_BYTES_PER_VECTOR` per vector (and to exact search for
+    collections of at most `FLAT_MAX_VECTORS`, whose flat index is small anyway).
     """
     if num_vectors <= 0 or dim <= 0:
         raise TipslabError(f"choose_factory: expected a positive collection size and dim, got {num_vectors}, {dim}")
     budget = memory_budget if memory_budget is not None else DEFAULT_BYTES_PER_VECTOR * num_vectors
     per_vector = budget / num_vectors
-    if num_vectors <= FLAT_MAX_VECTORS and per_vector >= 4 * dim:
+    if num_vectors <= FLAT_MAX_VECTORS and (memory_budget is None or per_vector >= 4 * dim):
         return FactoryChoice("Flat", 0, 4 * dim, f"{num_vectors} vectors: exact search is fast enough")
-    nlist = _nlist(num_vectors)
+    nlist = nlist_for(num_vectors)
     quantizer = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_FROM else f"IVF{nlist}"
     code_budget = per_vector - IVF_ID_BYTES
     if code_budget >= dim:
@@ -63,7 +64,7 @@ def choose_factory(num_vectors: int, dim: int, *, memory_budget: int | None = No
                          + (", OPQ rotation" if opq else ""))
 
 
-def _nlist(num_vectors: int) -> int:
+def nlist_for(num_vectors: int) -> int:
     """A power of two near 4 sqrt(n), with at least 39 training vectors per list."""
     target = 4 * math.sqrt(num_vectors)
     nlist = 1 << max(4, round(math.log2(target)))

@@ -98,6 +98,8 @@ def check_files(root: Path, manifest: dict) -> None:
         if not (root / name).is_file():
             raise TipslabError(f"{root}: missing {name} (listed in {MANIFEST}; expected files: {', '.join(EXPECTED)})")
         _check_size(root / name, files.get(name, {}).get("bytes") if isinstance(files, dict) else None)
+        if name.endswith(".parquet"):
+            _check_parquet_magic(root / name)
     for part in manifest["vectors"]["parts"]:
         path = root / part["file"]
         if not path.is_file():
@@ -112,6 +114,16 @@ def _check_size(path: Path, expected) -> None:
     if actual != expected:
         raise TipslabError(f"{path}: {actual} bytes, {MANIFEST} recorded {expected} (truncated or replaced; "
                            "rebuild the index)")
+
+
+def _check_parquet_magic(path: Path) -> None:
+    """A parquet file starts and ends with b"PAR1": four bytes each end catch a replaced file at open."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+        handle.seek(max(0, path.stat().st_size - 4))
+        tail = handle.read(4)
+    if head != b"PAR1" or tail != b"PAR1":
+        raise TipslabError(f"{path}: not a parquet table (damaged or replaced); rebuild the index")
 
 
 def read_faiss(path: Path):
