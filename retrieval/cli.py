@@ -32,8 +32,17 @@ def add_index_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("source", metavar="SOURCE",
                         help="a folder of images, or scenes:val / scenes:val:N (the built-in scenes val split)")
     parser.add_argument("--out", required=True, metavar="DIR", help="index directory to write")
-    parser.add_argument("--factory", default="Flat",
-                        help="FAISS index factory string, inner product metric (default Flat; e.g. IVF256,SQ8)")
+    parser.add_argument("--factory", default="auto",
+                        help="FAISS index factory string, inner product metric (e.g. Flat, IVF256,SQ8), or auto "
+                             "(default): chosen from the collection's size and --bytes-per-vector, nprobe tuned "
+                             "to --recall-target")
+    parser.add_argument("--bytes-per-vector", type=_positive_int, default=None, metavar="B",
+                        help="memory budget of --factory auto: resident bytes per vector (default 100; "
+                             "exact search up to 100k vectors)")
+    parser.add_argument("--recall-target", type=float, default=0.95,
+                        help="10-recall@10 that --factory auto tunes nprobe to on held-out queries (default 0.95)")
+    parser.add_argument("--pool", type=_positive_int, default=1, metavar="K",
+                        help="index K x K pooled patches (K^2 fewer vectors, coarser regions; default 1)")
     parser.add_argument("--feature", choices=("dense", "final"), default="dense",
                         help="dense: last block's value path (best patch-text alignment, default); final: output tokens")
     parser.add_argument("--scenes-val", type=_positive_int, default=None, metavar="N",
@@ -73,7 +82,9 @@ def run_index(args) -> int:
     else:
         index = build_index(args.model_path, args.source, args.out, factory=args.factory, feature=args.feature,
                             batch_size=args.batch_size, overwrite=args.overwrite, image_size=args.image_size,
-                            scenes_count=args.scenes_val, device=args.device, progress=progress)
+                            scenes_count=args.scenes_val, device=args.device, progress=progress,
+                            bytes_per_vector=args.bytes_per_vector,
+                            recall_target=args.recall_target, pool=args.pool)
     counts = index.manifest["counts"]
     print(f"index {index.path}: {counts['images']} images, {counts['vectors']} patch vectors of dim {index.dim} "
           f"({index.manifest['factory']}, {index.feature} features), {counts['skipped']} skipped "

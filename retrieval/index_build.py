@@ -67,7 +67,7 @@ TRAIN_PER_LIST = 64  # auto: k-means samples per list (FAISS caps at 256; 64 tra
 def build_index(model_path, source, out_dir, factory: str = "Flat", feature: str = "dense", batch_size: int = 16,
                 overwrite: bool = False, *, image_size: int | None = None, scenes_count: int | None = None,
                 train_size: int | None = None, device: str | None = None, progress: bool = True,
-                loaded=None, seed: int = 0, memory_budget: int | None = None, recall_target: float = DEFAULT_TARGET,
+                loaded=None, seed: int = 0, bytes_per_vector: float | None = None, recall_target: float = DEFAULT_TARGET,
                 pool: int = 1):
     """Index every image of ``source`` (a folder or ``scenes:val[:N]``) into a new directory.
 
@@ -96,19 +96,19 @@ def build_index(model_path, source, out_dir, factory: str = "Flat", feature: str
     return write_index(records, out, factory=factory, feature=feature, image_size=size, source=src,
                        model={**identity, "model_cfg": model_cfg_dict(loaded.model_cfg)},
                        overwrite=overwrite, train_size=train_size, progress=progress, seed=seed,
-                       memory_budget=memory_budget, recall_target=recall_target, pool=pool)
+                       bytes_per_vector=bytes_per_vector, recall_target=recall_target, pool=pool)
 
 
 def write_index(records: Iterable[PatchRecord], out_dir, *, factory: str = "Flat", feature: str = "dense",
                 image_size: int, model: dict, source: ImageSource | None = None, overwrite: bool = False,
                 train_size: int | None = None, progress: bool = True, seed: int = 0,
-                memory_budget: int | None = None, recall_target: float = DEFAULT_TARGET, pool: int = 1):
+                bytes_per_vector: float | None = None, recall_target: float = DEFAULT_TARGET, pool: int = 1):
     """Write an index directory from patch records, however they were computed.
 
     ``model`` is the manifest's model block (`model_identity` + ``model_cfg``): searching by text
     needs it, searching by vectors does not. ``source`` supplies the spec and the skipped images.
-    ``factory="auto"`` chooses the factory for ``memory_budget`` resident bytes (default 100 per
-    vector) and tunes nprobe to ``recall_target``; ``pool`` > 1 indexes k x k pooled patches.
+    ``factory="auto"`` chooses the factory for ``bytes_per_vector`` resident bytes (default 100;
+    exact search up to 100k vectors) and tunes nprobe to ``recall_target``; ``pool`` > 1 indexes k x k pooled patches.
     """
     from tipslab.retrieval.index_dir import IndexDirectory
 
@@ -131,7 +131,8 @@ def write_index(records: Iterable[PatchRecord], out_dir, *, factory: str = "Flat
             raise TipslabError(f"source {spec}: holds no readable images{why}")
         store = VectorStore(tmp, writer.parts, dim)
         total = int(store.starts[-1])
-        choice = choose_factory(total, dim, memory_budget=memory_budget) if factory == AUTO else None
+        budget = None if bytes_per_vector is None else int(bytes_per_vector * total)
+        choice = choose_factory(total, dim, memory_budget=budget) if factory == AUTO else None
         chosen = choice.factory if choice else factory
         index = new_faiss_index(chosen, dim)
         if choice and choice.nlist and train_size is None:
@@ -169,7 +170,7 @@ def write_index(records: Iterable[PatchRecord], out_dir, *, factory: str = "Flat
             "metric": "inner_product",
             "factory": chosen,
             "factory_choice": None if choice is None else {"requested": AUTO, "reason": choice.reason,
-                                                            "memory_budget": memory_budget},
+                                                            "bytes_per_vector": bytes_per_vector},
             "faiss_class": type(faiss_module().downcast_index(index)).__name__,
             "search_params": search_params,
             "rerank": rerank,
