@@ -47,7 +47,8 @@ def add_index_parser(subparsers) -> argparse.ArgumentParser:
                         help="dense: last block's value path (best patch-text alignment, default); final: output tokens")
     parser.add_argument("--scenes-val", type=_positive_int, default=None, metavar="N",
                         help="number of scenes for SOURCE scenes:val (default 64)")
-    parser.add_argument("--batch-size", type=_positive_int, default=16)
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="images per forward pass (default: 16 on CPU, sized to the GPU's free memory)")
     parser.add_argument("--image-size", type=_positive_int, default=None,
                         help="resize images to this square size (multiple of 14; default the model's img_size)")
     parser.add_argument("--device", default=None, help="torch device (default cuda when present, else cpu)")

@@ -64,7 +64,7 @@ TUNE_POOL = 20_000  # stored vectors the held-out queries are grouped from
 TRAIN_PER_LIST = 64  # auto: k-means samples per list (FAISS caps at 256; 64 trains 4x faster, same recall here)
 
 
-def build_index(model_path, source, out_dir, factory: str = "Flat", feature: str = "dense", batch_size: int = 16,
+def build_index(model_path, source, out_dir, factory: str = "Flat", feature: str = "dense", batch_size: int | None = None,
                 overwrite: bool = False, *, image_size: int | None = None, scenes_count: int | None = None,
                 train_size: int | None = None, device: str | None = None, progress: bool = True,
                 loaded=None, seed: int = 0, bytes_per_vector: float | None = None, recall_target: float = DEFAULT_TARGET,

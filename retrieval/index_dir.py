@@ -237,7 +237,7 @@ class IndexDirectory:
 
     # -- adding
 
-    def add(self, source, *, batch_size: int = 16, progress: bool = True, loaded=None,
+    def add(self, source, *, batch_size: int | None = None, progress: bool = True, loaded=None,
             scenes_count: int | None = None) -> dict:
         """Append the images of ``source`` that are not indexed yet (by key); returns counts.
 
