@@ -7,30 +7,16 @@ import re
 import numpy as np
 import pytest
 import torch
+from test_index_dir import DIM, MODEL, records
 
 from tipslab.errors import TipslabError
 from tipslab.platform.cli import main
-from tipslab.retrieval.extract import PatchRecord, SourceImage
 from tipslab.retrieval.index_dir import IndexDirectory, write_index
 
-DIM, GRID = 8, (2, 3)
-MODEL = {"source": "synthetic", "path": None, "sha256": None, "model_cfg": None}
 TINY = {"vision": {"size": "tiny", "img_size": 112, "drop_path_rate": 0.0},
         "text": {"size": "tiny", "vocab_size": 49408, "context_length": 32},
         "tokenizer": {"kind": "bpe", "path": None, "context_length": 32}, "temperature": 0.07}
 FILES = ("manifest.json", "index.faiss", "images.parquet", "metadata.parquet", "vectors/part-00000.npy")
-
-
-def records(n, start=0, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(start, start + n):
-        vectors = rng.normal(size=(GRID[0] * GRID[1], DIM)).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        image = SourceImage(key=f"/data/img{i}.png", path=f"/data/img{i}.png", size=(30, 20),
-                            pixels=torch.zeros(3, 28, 28))
-        out.append(PatchRecord(image=image, grid=GRID, vectors=vectors))
-    return out
 
 
 def damage(path, how):
