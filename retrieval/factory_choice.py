@@ -49,7 +49,8 @@ def choose_factory(num_vectors: int, dim: int, *, memory_budget: int | None = No
         return FactoryChoice("Flat", 0, 4 * dim, f"{num_vectors} vectors: exact search is fast enough")
     nlist = nlist_for(num_vectors)
     quantizer = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_FROM else f"IVF{nlist}"
-    code_budget = per_vector - IVF_ID_BYTES
+    # the coarse centroids (float32) are resident too: their share per vector comes off the code's budget
+    code_budget = per_vector - IVF_ID_BYTES - 4 * dim * nlist / num_vectors
     if code_budget >= dim:
         return FactoryChoice(f"{quantizer},SQ8", nlist, dim,
                              f"{per_vector:.0f} B/vector fits a byte per dimension (SQ8)")

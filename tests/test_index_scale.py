@@ -34,7 +34,7 @@ def test_factory_follows_size_and_budget():
     assert choose_factory(10_000_000, 768).factory == "IVF16384_HNSW32,PQ128x4fs"  # HNSW coarse quantizer
     assert choose_factory(1_000_000, 768, memory_budget=1000 * 1_000_000).factory == "IVF4096,SQ8"
     tight = choose_factory(1_000_000, 768, memory_budget=40 * 1_000_000)  # 12+ dims per sub-quantizer: OPQ
-    assert tight.factory == "OPQ64,IVF4096,PQ64x4fs"
+    assert tight.factory == "OPQ32,IVF4096,PQ32x4fs"  # 40 - 8 B id - 12.6 B of centroids: 32 x 4 bits
     assert choose_factory(2000, 768, memory_budget=100 * 2000).nlist * 39 <= 2000  # enough points per list
     with pytest.raises(TipslabError, match="below the smallest code"):
         choose_factory(1_000_000, 768, memory_budget=8 * 1_000_000)
