@@ -111,3 +111,42 @@ def test_add_delete_search_reopen(tmp_path):
     assert counts["added"] == 1
     reopened = IndexDirectory.open(tmp_path / "idx")
     assert reopened.num_images == 6 and reopened.image_ids_of(reopened.search_vectors(target, 1)[1])[0, 0] == 5
+
+
+KILLED_BUILD = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from test_index_dir import MODEL, records
+from tipslab.retrieval.index_dir import write_index
+
+def slow():
+    for i, record in enumerate(records(400)):
+        if i == 5:
+            print("extracting", flush=True)
+        time.sleep(0.01)
+        yield record
+
+write_index(slow(), sys.argv[1], image_size=28, model=MODEL, progress=False, overwrite=True)
+"""
+
+
+def test_sigkill_during_a_rebuild_leaves_the_last_committed_index(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    write_index(records(3), tmp_path / "idx", image_size=28, model=MODEL, progress=False)
+    before = IndexDirectory.open(tmp_path / "idx").search_vectors(records(3)[1].vectors[:1], 2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(tmp_path / "idx"), str(Path(__file__).parent)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "extracting"  # mid-extraction, parts being written
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    index = IndexDirectory.open(tmp_path / "idx")
+    assert index.num_images == 3
+    after = index.search_vectors(records(3)[1].vectors[:1], 2)
+    np.testing.assert_array_equal(before[1], after[1])
+    assert list(tmp_path.glob(".idx.building-*"))  # the killed build's leftovers sit beside, not inside
