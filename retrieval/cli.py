@@ -58,7 +58,42 @@ def add_index_parser(subparsers) -> argparse.ArgumentParser:
                       help="add SOURCE's images that are not indexed yet to the existing index at --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_index)
+    _add_delete_parser(subparsers)
     return parser
+
+
+def _add_delete_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "index-delete", help="delete images from an index directory (by image id or by path / key)",
+        description="Delete images from an index: searches skip them from then on (their vectors stay on disk "
+                    "until the index is rebuilt; adding the file again indexes it anew).")
+    parser.add_argument("index_dir", metavar="DIR", help="index directory written by `tipslab index`")
+    parser.add_argument("images", metavar="IMAGE", nargs="+",
+                        help="image ids (as in images.parquet) or image paths / keys as indexed")
+    parser.set_defaults(func=run_delete)
+    return parser
+
+
+def run_delete(args) -> int:
+    from tipslab.retrieval.index_dir import IndexDirectory
+
+    index = IndexDirectory.open(args.index_dir)
+    keys = index.images["key"].to_list()
+    live = {key: i for i, key in enumerate(keys) if i not in set(index.deleted)}
+    ids = []
+    for item in args.images:
+        key = item if item in live else str(Path(item).expanduser().resolve())  # keys of files are absolute paths
+        if item.isdigit():
+            ids.append(int(item))
+        elif key in live:
+            ids.append(live[key])
+        else:
+            raise TipslabError(f"IMAGE {item!r}: neither an image id nor the path / key of an indexed image "
+                               f"in {index.path}")
+    newly = index.delete(ids)
+    print(f"deleted {newly} image(s) from {index.path} ({len(ids) - newly} already deleted); "
+          f"{index.num_images - len(index.deleted)} remain searchable")
+    return 0
 
 
 def run_index(args) -> int:

@@ -150,3 +150,13 @@ def test_sigkill_during_a_rebuild_leaves_the_last_committed_index(tmp_path):
     after = index.search_vectors(records(3)[1].vectors[:1], 2)
     np.testing.assert_array_equal(before[1], after[1])
     assert list(tmp_path.glob(".idx.building-*"))  # the killed build's leftovers sit beside, not inside
+
+
+def test_cli_index_delete_by_id_and_path(tmp_path, capsys):
+    write_index(records(4), tmp_path / "idx", image_size=28, model=MODEL, progress=False)
+    assert main(["index-delete", str(tmp_path / "idx"), "0", "/data/img2.png"]) == 0
+    assert "deleted 2 image(s)" in capsys.readouterr().out
+    assert IndexDirectory.open(tmp_path / "idx").deleted == [0, 2]
+    assert main(["index-delete", str(tmp_path / "idx"), "/data/nope.png"]) == 2
+    assert "nope.png" in capsys.readouterr().err
+    assert main(["index-delete", str(tmp_path / "idx"), "9"]) == 2
