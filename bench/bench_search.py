@@ -153,12 +153,22 @@ def run_size(n: int, args, root: Path) -> list[tuple]:
     tuned = index.manifest["tuning"] or {}
     note = f"{index.manifest['factory']} {index.manifest['search_params']} rerank={index.manifest['rerank']}"
     rows = [(f"tipslab auto (n={n_vec})", note, build, size, p50, p95, *recalls(search, sets))]
+    print_row(rows[0])  # before the baselines, which take as long again
     if tuned and args.verbose:
         print(f"  tuning: {tuned['tried']}")
     nlist = int(faiss.extract_index_ivf(index.index).nlist) if "IVF" in index.manifest["factory"] else nlist_for(n_vec)
     if not args.no_baselines:
         rows += baselines(index.store, n_vec, args.dim, nlist, sets, args, rng)
     return rows
+
+
+HEADER = (f"{'index':<28}{'build s':>9}{'B/vec':>8}{'p50 ms':>9}{'p95 ms':>9}{'R held':>8}{'R text':>8}"
+          "  settings")
+
+
+def print_row(row) -> None:
+    name, note, build, size, p50, p95, held, text = row
+    print(f"{name:<28}{build:>9.1f}{size:>8.1f}{p50:>9.3f}{p95:>9.3f}{held:>8.3f}{text:>8.3f}  {note}", flush=True)
 
 
 def main() -> None:
@@ -183,18 +193,15 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     print(f"patch-like L2-normalised {args.dim}-d vectors, {args.queries} single queries, {args.k}-recall@{args.k} "
           f"vs exact, target {args.target}, threads={args.threads}, pool={args.pool}")
-    header = (f"{'index':<28}{'build s':>9}{'B/vec':>8}{'p50 ms':>9}{'p95 ms':>9}{'R held':>8}{'R text':>8}"
-              "  settings")
     results = {}
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for n in args.sizes:
+            print(HEADER)
+            print("-" * len(HEADER), flush=True)
             rows = run_size(n, args, Path(tmp))
             results[n] = rows
-            print(header if n == args.sizes[0] else "")
-            print("-" * len(header))
-            for name, note, build, size, p50, p95, held, text in rows:
-                print(f"{name:<28}{build:>9.1f}{size:>8.1f}{p50:>9.3f}{p95:>9.3f}{held:>8.3f}{text:>8.3f}  {note}",
-                      flush=True)
+            for row in rows[1:]:
+                print_row(row)
             import shutil
 
             shutil.rmtree(Path(tmp) / f"n{n}", ignore_errors=True)

@@ -16,7 +16,7 @@ import numpy as np
 from tipslab.errors import TipslabError
 from tipslab.retrieval.durable import fsync_path, swap_dirs
 from tipslab.retrieval.extract import ImageSource, PatchRecord
-from tipslab.retrieval.faiss_backend import cluster_on_gpu, ivf_of, min_train_points
+from tipslab.retrieval.faiss_backend import QUANTIZER_EF_ADD, cluster_on_gpu, ivf_of, min_train_points, set_quantizer_ef
 from tipslab.retrieval.index_layout import IMAGES_DIR, MANIFEST
 from tipslab.retrieval.vector_store import ADD_CHUNK, PartWriter, VectorStore
 
@@ -185,6 +185,7 @@ def add_to_index(index, store: VectorStore, parts: Iterable[int], progress: bool
 
     parts = list(parts)
     total = sum(store.parts[i]["rows"] for i in parts)
+    set_quantizer_ef(index, QUANTIZER_EF_ADD)  # assign each vector to its nearest list, not a near one
     with tqdm(total=total, desc="faiss add", unit="vec", disable=not progress or total < 4 * ADD_CHUNK) as bar:
         for chunk in store.iter_chunks(parts=parts):
             index.add(chunk)

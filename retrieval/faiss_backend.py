@@ -76,7 +76,7 @@ def default_search_params(index) -> str:
         nlist = int(faiss.extract_index_ivf(index).nlist)
     except RuntimeError:
         return ""
-    return f"nprobe={min(nlist, DEFAULT_NPROBE)}"
+    return search_params_for(index, min(nlist, DEFAULT_NPROBE))
 
 
 def apply_params(index, params: str) -> None:
@@ -109,10 +109,40 @@ def exact_codes(index) -> bool:
     return isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFFlat))
 
 
+QUANTIZER_EF_ADD = 128  # HNSW coarse quantizer's search breadth while vectors are assigned to lists
+QUANTIZER_EF_MIN = 64  # ... and at search: at least this, or 2 x nprobe
+
+
+def hnsw_quantizer(index):
+    """The HNSW coarse quantizer of an IVF index, or None (flat quantizer, or no IVF)."""
+    ivf = ivf_of(index)
+    if ivf is None:
+        return None
+    quantizer = faiss_module().downcast_index(ivf.quantizer)
+    return quantizer if hasattr(quantizer, "hnsw") else None
+
+
+def set_quantizer_ef(index, ef: int) -> None:
+    """How widely an HNSW coarse quantizer searches. Its default (16) misses nearer lists at high
+    dims: vectors land in the wrong lists at add, and probing more lists stops raising recall."""
+    quantizer = hnsw_quantizer(index)
+    if quantizer is not None:
+        quantizer.hnsw.efSearch = int(ef)
+
+
+def search_params_for(index, nprobe: int) -> str:
+    """The parameter string for ``nprobe`` (with the HNSW quantizer's breadth when it has one)."""
+    params = f"nprobe={int(nprobe)}"
+    if hnsw_quantizer(index) is not None:
+        params += f",quantizer_efSearch={max(QUANTIZER_EF_MIN, 2 * int(nprobe))}"
+    return params
+
+
 def set_nprobe(index, nprobe: int) -> None:
     ivf = ivf_of(index)
     if ivf is not None:
         ivf.nprobe = int(nprobe)
+        set_quantizer_ef(index, max(QUANTIZER_EF_MIN, 2 * int(nprobe)))
 
 
 def cluster_on_gpu(index) -> None:

@@ -41,6 +41,7 @@ from tipslab.retrieval.faiss_backend import (
     faiss_module,
     ivf_of,
     new_faiss_index,
+    search_params_for,
     set_nprobe,
 )
 from tipslab.retrieval.index_files import file_sizes
@@ -144,7 +145,7 @@ def write_index(records: Iterable[PatchRecord], out_dir, *, factory: str = "Flat
         search_params, tuning = default_search_params(index), None
         if factory == AUTO and ivf_of(index) is not None:
             tuning = _tune(index, store, (0,) if rerank == 0 else RERANK, recall_target, seed, progress)
-            search_params, rerank = f"nprobe={tuning['nprobe']}", tuning["rerank"]
+            search_params, rerank = search_params_for(index, tuning["nprobe"]), tuning["rerank"]
 
         images = images_frame(rows)
         write_parquet(tmp / IMAGES_FILE, images)
