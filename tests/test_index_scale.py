@@ -90,3 +90,15 @@ def test_pooling_is_recorded_and_applied_on_add(tmp_path):
     odd, grid = pool_vectors(records[0].vectors[:15], (3, 5), 2)  # edges: a partial cell averages what it holds
     assert grid == (2, 3) and odd.shape == (6, 16)
     np.testing.assert_allclose(np.linalg.norm(odd, axis=1), 1.0, atol=1e-5)
+
+
+def test_hnsw_quantizer_breadth_is_recorded_and_applied(tmp_path):
+    index = write_index(clustered_records(40, (8, 8), 16), tmp_path / "idx", factory="IVF32_HNSW32,Flat",
+                        image_size=112, model=MODEL, progress=False, train_size=2560)
+    assert index.manifest["search_params"] == "nprobe=16,quantizer_efSearch=64"
+    reopened = IndexDirectory.open(tmp_path / "idx")
+    reopened.search_vectors(np.ones((1, 16), dtype=np.float32), 5, params="nprobe=20,quantizer_efSearch=90")
+    import faiss
+
+    ivf = faiss.extract_index_ivf(reopened.index)
+    assert (ivf.nprobe, faiss.downcast_index(ivf.quantizer).hnsw.efSearch) == (20, 90)
