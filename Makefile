@@ -62,7 +62,8 @@ mlflow-ui: setup
 
 bench: setup
 	$(PY) bench/bench_train_step.py
-	$(PY) bench/bench_search.py
+	$(PY) bench/bench_search.py --sizes 102400
+	$(PY) bench/bench_extract.py
 
 clean:
 	rm -rf $(RUNS) .pytest_cache build *.egg-info

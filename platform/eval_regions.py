@@ -44,7 +44,7 @@ def evaluate_regions(loaded, *, num_images: int, image_size: int, seed: int, fac
     from tipslab.datamodules.scenes import ScenesDataset
     from tipslab.retrieval.extract import extract_patches, open_source
     from tipslab.retrieval.index_dir import write_index
-    from tipslab.retrieval.model_identity import _model_cfg_dict
+    from tipslab.retrieval.model_identity import model_cfg_dict
     from tipslab.retrieval.search import NULL_PROMPTS, embed_text, logit_scale_of, search_by_vectors
 
     encoder = loaded.encoder
@@ -69,7 +69,7 @@ def evaluate_regions(loaded, *, num_images: int, image_size: int, seed: int, fac
     k = max(ks)
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="tipslab-eval-regions-"))
     model = {"source": "in-memory model under evaluation", "path": None, "weights": None, "sha256": None,
-             "model_cfg": _model_cfg_dict(loaded.model_cfg)}
+             "model_cfg": model_cfg_dict(loaded.model_cfg)}
     out: dict = {"queries": len(queries)}
     for factory in factories:
         index = write_index(iter(records), root / f"index-{factory.replace(',', '_')}", factory=factory,

@@ -14,20 +14,20 @@ from pathlib import Path
 import numpy as np
 
 from tipslab.errors import TipslabError
-from tipslab.retrieval.durable import _fsync_path, _swap_dirs
+from tipslab.retrieval.durable import fsync_path, swap_dirs
 from tipslab.retrieval.extract import ImageSource, PatchRecord
-from tipslab.retrieval.faiss_backend import _faiss, _min_train_points
+from tipslab.retrieval.faiss_backend import QUANTIZER_EF_ADD, cluster_on_gpu, ivf_of, min_train_points, set_quantizer_ef
 from tipslab.retrieval.index_layout import IMAGES_DIR, MANIFEST
-from tipslab.retrieval.vector_store import ADD_CHUNK, _PartWriter, _VectorStore
+from tipslab.retrieval.vector_store import ADD_CHUNK, PartWriter, VectorStore
 
 
-def _now() -> str:
+def now_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------- building tables
 
-def _images_frame(rows: list[dict]):
+def images_frame(rows: list[dict]):
     import polars as pl
 
     schema = {"image_id": pl.Int64, "key": pl.String, "image_path": pl.String, "image_width": pl.Int32,
@@ -36,7 +36,7 @@ def _images_frame(rows: list[dict]):
     return pl.DataFrame(rows, schema=schema) if rows else pl.DataFrame(schema=schema)
 
 
-def _metadata_frame(images):
+def metadata_frame(images):
     """One row per vector, expanded from the per-image table (an image's vectors are contiguous)."""
     import polars as pl
 
@@ -60,7 +60,7 @@ def _metadata_frame(images):
     })
 
 
-def _save_scene_image(root: Path, key: str, pixels) -> str:
+def save_scene_image(root: Path, key: str, pixels) -> str:
     """Write a generated image as PNG under images/; returns its path relative to the index."""
     from PIL import Image
 
@@ -74,7 +74,7 @@ def _save_scene_image(root: Path, key: str, pixels) -> str:
     return f"{IMAGES_DIR}/{name}"
 
 
-def _ingest(records: Iterable[PatchRecord], root: Path, writer: _PartWriter, first_image_id: int,
+def ingest(records: Iterable[PatchRecord], root: Path, writer: PartWriter, first_image_id: int,
             first_vector_id: int, dim: int | None) -> tuple[list[dict], int | None]:
     """Store each record's vectors and describe its image; returns (image rows, dim)."""
     rows = []
@@ -86,7 +86,7 @@ def _ingest(records: Iterable[PatchRecord], root: Path, writer: _PartWriter, fir
         elif vectors.shape[1] != dim:
             raise TipslabError(f"{record.image.key}: embedding dim {vectors.shape[1]} differs from the index's {dim}")
         image = record.image
-        path = image.path if image.path is not None else _save_scene_image(root, image.key, image.pixels)
+        path = image.path if image.path is not None else save_scene_image(root, image.key, image.pixels)
         writer.add(vectors)
         rows.append({"image_id": first_image_id + len(rows), "key": image.key, "image_path": path,
                      "image_width": image.size[0], "image_height": image.size[1],
@@ -97,12 +97,12 @@ def _ingest(records: Iterable[PatchRecord], root: Path, writer: _PartWriter, fir
     return rows, dim
 
 
-def _report_skipped(source: ImageSource, progress: bool) -> None:
+def report_skipped(source: ImageSource, progress: bool) -> None:
     if source.skipped and progress:
         print(f"skipped {len(source.skipped)} unreadable image(s) from {source.spec} (listed in {MANIFEST})")
 
 
-def _model_image_size(loaded, image_size: int | None) -> int:
+def model_image_size(loaded, image_size: int | None) -> int:
     if image_size is None:
         cfg = loaded.model_cfg
         try:
@@ -116,7 +116,7 @@ def _model_image_size(loaded, image_size: int | None) -> int:
 
 # ---------------------------------------------------------------- build steps
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         kind = "an index directory" if (out / MANIFEST).exists() else "a path"
         raise TipslabError(f"--out {out}: {kind} already exists; pass --overwrite to replace it "
@@ -125,28 +125,28 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise TipslabError(f"--out {out}: exists and is not a directory")
 
 
-def _chmod_like_mkdir(path: Path) -> None:
+def chmod_like_mkdir(path: Path) -> None:
     """mkdtemp makes 0700 directories; an index should get the permissions a plain mkdir gives."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o777 & ~umask)
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def publish(tmp: Path, out: Path) -> None:
     """Move the finished build into place; an existing ``out`` is swapped out in one step."""
     if not out.exists():
         os.rename(tmp, out)
-    elif _swap_dirs(tmp, out):
+    elif swap_dirs(tmp, out):
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old index
     else:  # no atomic exchange on this system: two renames, old copy kept until the new is in
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.rename(out, old)
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
-    _fsync_path(out.parent)
+    fsync_path(out.parent)
 
 
-def _encoder_dim(encoder) -> int | None:
+def encoder_dim(encoder) -> int | None:
     for owner in (getattr(encoder, "vision", None), encoder):
         dim = getattr(owner, "embed_dim", None)
         if isinstance(dim, int):
@@ -154,25 +154,24 @@ def _encoder_dim(encoder) -> int | None:
     return None
 
 
-def _tipslab_version() -> str:
+def tipslab_version() -> str:
     import tipslab
 
     return getattr(tipslab, "__version__", "unknown")
 
 
-def _train(index, store: _VectorStore, factory: str, train_size: int | None, seed: int, progress: bool) -> None:
+def train_index(index, store: VectorStore, factory: str, train_size: int | None, seed: int, progress: bool) -> None:
     if index.is_trained:
         return
     total = int(store.starts[-1])
-    needed = _min_train_points(index)
+    needed = min_train_points(index)
     if total < needed:
         raise TipslabError(f"--factory {factory!r}: training needs at least {needed} vectors, the collection "
                            f"has {total}; use a smaller nlist/code size or --factory Flat")
-    try:
-        nlist = int(_faiss().extract_index_ivf(index).nlist)
-    except RuntimeError:
-        nlist = 1
+    ivf = ivf_of(index)
+    nlist = int(ivf.nlist) if ivf is not None else 1
     count = train_size or max(needed, 256 * nlist, 65536)
+    cluster_on_gpu(index)
     if progress:
         print(f"training {factory} on {min(count, total)} of {total} vectors")
     try:
@@ -181,11 +180,12 @@ def _train(index, store: _VectorStore, factory: str, train_size: int | None, see
         raise TipslabError(f"--factory {factory!r}: FAISS training failed ({str(err).strip().splitlines()[-1]})") from None
 
 
-def _add_to_index(index, store: _VectorStore, parts: Iterable[int], progress: bool) -> None:
+def add_to_index(index, store: VectorStore, parts: Iterable[int], progress: bool) -> None:
     from tqdm.auto import tqdm
 
     parts = list(parts)
     total = sum(store.parts[i]["rows"] for i in parts)
+    set_quantizer_ef(index, QUANTIZER_EF_ADD)  # assign each vector to its nearest list, not a near one
     with tqdm(total=total, desc="faiss add", unit="vec", disable=not progress or total < 4 * ADD_CHUNK) as bar:
         for chunk in store.iter_chunks(parts=parts):
             index.add(chunk)

@@ -42,13 +42,23 @@ def add_index_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("source", metavar="SOURCE",
                         help="a folder of images, or scenes:val / scenes:val:N (the built-in scenes val split)")
     parser.add_argument("--out", required=True, metavar="DIR", help="index directory to write")
-    parser.add_argument("--factory", default="Flat",
-                        help="FAISS index factory string, inner product metric (default Flat; e.g. IVF256,SQ8)")
+    parser.add_argument("--factory", default="auto",
+                        help="FAISS index factory string, inner product metric (e.g. Flat, IVF256,SQ8), or auto "
+                             "(default): chosen from the collection's size and --bytes-per-vector, nprobe tuned "
+                             "to --recall-target")
+    parser.add_argument("--bytes-per-vector", type=_positive_int, default=None, metavar="B",
+                        help="memory budget of --factory auto: resident bytes per vector (default 100; "
+                             "exact search up to 100k vectors)")
+    parser.add_argument("--recall-target", type=float, default=0.95,
+                        help="10-recall@10 that --factory auto tunes nprobe to on held-out queries (default 0.95)")
+    parser.add_argument("--pool", type=_positive_int, default=1, metavar="K",
+                        help="index K x K pooled patches (K^2 fewer vectors, coarser regions; default 1)")
     parser.add_argument("--feature", choices=("dense", "final"), default="dense",
                         help="dense: last block's value path (best patch-text alignment, default); final: output tokens")
     parser.add_argument("--scenes-val", type=_positive_int, default=None, metavar="N",
                         help="number of scenes for SOURCE scenes:val (default 64)")
-    parser.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass (default 16)")
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="images per forward pass (default: 16 on CPU, sized to the GPU's free memory)")
     parser.add_argument("--image-size", type=_positive_int, default=None,
                         help="resize images to this square size (multiple of 14; default the model's img_size)")
     parser.add_argument("--device", default=None, help="torch device (default cuda when present, else cpu)")
@@ -58,7 +68,42 @@ def add_index_parser(subparsers) -> argparse.ArgumentParser:
                       help="add SOURCE's images that are not indexed yet to the existing index at --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_index)
+    _add_delete_parser(subparsers)
     return parser
+
+
+def _add_delete_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "index-delete", help="delete images from an index directory (by image id or by path / key)",
+        description="Delete images from an index: searches skip them from then on (their vectors stay on disk "
+                    "until the index is rebuilt; adding the file again indexes it anew).")
+    parser.add_argument("index_dir", metavar="DIR", help="index directory written by `tipslab index`")
+    parser.add_argument("images", metavar="IMAGE", nargs="+",
+                        help="image ids (as in images.parquet) or image paths / keys as indexed")
+    parser.set_defaults(func=run_delete)
+    return parser
+
+
+def run_delete(args) -> int:
+    from tipslab.retrieval.index_dir import IndexDirectory
+
+    index = IndexDirectory.open(args.index_dir)
+    keys = index.images["key"].to_list()
+    live = {key: i for i, key in enumerate(keys) if i not in set(index.deleted)}
+    ids = []
+    for item in args.images:
+        key = item if item in live else str(Path(item).expanduser().resolve())  # keys of files are absolute paths
+        if item.isdigit():
+            ids.append(int(item))
+        elif key in live:
+            ids.append(live[key])
+        else:
+            raise TipslabError(f"IMAGE {item!r}: neither an image id nor the path / key of an indexed image "
+                               f"in {index.path}")
+    newly = index.delete(ids)
+    print(f"deleted {newly} image(s) from {index.path} ({len(ids) - newly} already deleted); "
+          f"{index.num_images - len(index.deleted)} remain searchable")
+    return 0
 
 
 def run_index(args) -> int:
@@ -83,7 +128,9 @@ def run_index(args) -> int:
     else:
         index = build_index(args.model_path, args.source, args.out, factory=args.factory, feature=args.feature,
                             batch_size=args.batch_size, overwrite=args.overwrite, image_size=args.image_size,
-                            scenes_count=args.scenes_val, device=args.device, progress=progress)
+                            scenes_count=args.scenes_val, device=args.device, progress=progress,
+                            bytes_per_vector=args.bytes_per_vector,
+                            recall_target=args.recall_target, pool=args.pool)
     counts = index.manifest["counts"]
     print(f"index {index.path}: {counts['images']} images, {counts['vectors']} patch vectors of dim {index.dim} "
           f"({index.manifest['factory']}, {index.feature} features), {counts['skipped']} skipped "

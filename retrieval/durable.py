@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from tipslab.errors import TipslabError
-from tipslab.retrieval.faiss_backend import _to_cpu
+from tipslab.retrieval.faiss_backend import to_cpu
 
 JOURNAL = ".commit.json"
 LOCK = ".lock"
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -28,7 +28,7 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2, sort_keys=False)
         handle.write("\n")
@@ -36,14 +36,14 @@ def _write_json(path: Path, data: dict) -> None:
         os.fsync(handle.fileno())
 
 
-def _atomic_json(path: Path, data: dict) -> None:
+def atomic_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    _write_json(tmp, data)
+    write_json(tmp, data)
     os.replace(tmp, path)
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
 
 
-def _write_npy(path: Path, array: np.ndarray) -> None:
+def write_npy(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:
         np.save(handle, array)
@@ -52,19 +52,19 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _write_parquet(path: Path, frame) -> None:
+def write_parquet(path: Path, frame) -> None:
     frame.write_parquet(path)
-    _fsync_path(path)
+    fsync_path(path)
 
 
-def _write_faiss(path: Path, index) -> None:
+def write_faiss(path: Path, index) -> None:
     import faiss
 
-    faiss.write_index(_to_cpu(index), str(path))
-    _fsync_path(path)
+    faiss.write_index(to_cpu(index), str(path))
+    fsync_path(path)
 
 
-def _swap_dirs(a: Path, b: Path) -> bool:
+def swap_dirs(a: Path, b: Path) -> bool:
     """Exchange two directories in one atomic step (Linux renameat2); False where unsupported."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -75,13 +75,13 @@ def _swap_dirs(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
 
 
-def _commit(root: Path, renames: dict[str, str]) -> None:
+def commit(root: Path, renames: dict[str, str]) -> None:
     """Replace several files of ``root`` as one unit: journal first, then the renames."""
-    _atomic_json(root / JOURNAL, {"renames": renames})
-    _redo_journal(root)
+    atomic_json(root / JOURNAL, {"renames": renames})
+    redo_journal(root)
 
 
-def _redo_journal(root: Path) -> None:
+def redo_journal(root: Path) -> None:
     """Finish an interrupted commit. Idempotent: a rename already done has no source left."""
     journal = root / JOURNAL
     if not journal.exists():
@@ -90,17 +90,26 @@ def _redo_journal(root: Path) -> None:
         renames = json.loads(journal.read_text(encoding="utf-8"))["renames"]
     except FileNotFoundError:
         return  # another process finished it a moment ago
+    except (ValueError, KeyError, TypeError) as err:  # JSON, UTF-8 and shape errors alike
+        raise TipslabError(f"{journal}: not a commit journal ({type(err).__name__}); delete it to open the index "
+                           "as last committed") from None
+    # A journal only ever renames "<file>.pending" to "<file>" inside the directory: refuse anything else.
+    if not isinstance(renames, dict) or not all(
+            isinstance(f, str) and isinstance(p, str) and p == f + ".pending" and "/" not in f and f not in ("", ".", "..")
+            for f, p in renames.items()):
+        raise TipslabError(f"{journal}: not a commit journal (unexpected renames); delete it to open the index "
+                           "as last committed")
     for final, pending in renames.items():
         # A rename already done has no source left; another process may be redoing it too.
         with contextlib.suppress(FileNotFoundError):
             os.replace(root / pending, root / final)
-    _fsync_path(root)
+    fsync_path(root)
     journal.unlink(missing_ok=True)
-    _fsync_path(root)
+    fsync_path(root)
 
 
 @contextlib.contextmanager
-def _locked(root: Path):
+def locked(root: Path):
     """One writer at a time per index directory (readers need no lock: commits are atomic)."""
     import fcntl
 

@@ -44,7 +44,7 @@ class PatchRecord:
 
     image: SourceImage
     grid: tuple[int, int]  # (grid_h, grid_w)
-    vectors: np.ndarray  # float32 [grid_h * grid_w, D], rows L2-normalised, row-major patch order
+    vectors: np.ndarray  # float32 (float16 from a GPU) [grid_h * grid_w, D], rows L2-normalised, row-major
 
 
 @dataclass
@@ -192,22 +192,38 @@ def embed_images(encoder, pixels: torch.Tensor, feature: str = "dense") -> tuple
     return patches.cpu(), (int(out.grid[0]), int(out.grid[1]))
 
 
-def extract_patches(encoder, images: Iterable[SourceImage], *, feature: str = "dense", batch_size: int = 16,
-                    total: int | None = None, progress: bool = True, desc: str = "extract") -> Iterator[PatchRecord]:
-    """Run the encoder over ``images`` in batches; one `PatchRecord` per image, in source order."""
+def _uniform_batches(images: Iterable[SourceImage], batch_size: int) -> Iterator[list[SourceImage]]:
+    for batch in _batches(images, batch_size):
+        sizes = {tuple(img.pixels.shape) for img in batch}
+        if len(sizes) != 1:
+            raise TipslabError(f"source images: expected one preprocessed shape per batch, got {sorted(sizes)}")
+        yield batch
+
+
+def extract_patches(encoder, images: Iterable[SourceImage], *, feature: str = "dense", batch_size: int | None = None,
+                    total: int | None = None, progress: bool = True, desc: str = "extract",
+                    plan=None) -> Iterator[PatchRecord]:
+    """Run the encoder over ``images`` in batches; one `PatchRecord` per image, in source order.
+
+    How batches run (bf16, pinned buffers, overlap; batch size when ``batch_size`` is None) is
+    `extract_pipeline.plan_for` the encoder's device unless ``plan`` says otherwise. On a GPU the
+    vectors come back as float16 (what the index stores); on a CPU as float32.
+    """
     from tqdm.auto import tqdm
 
-    if batch_size <= 0:
+    from tipslab.retrieval.extract_pipeline import plan_for, run_batches
+
+    if feature not in FEATURES:
+        raise TipslabError(f"feature: expected one of {FEATURES}, got {feature!r}")
+    if batch_size is not None and batch_size <= 0:
         raise TipslabError(f"batch_size: expected a positive integer, got {batch_size}")
+    plan = plan or plan_for(encoder_device(encoder), batch_size)
     was_training = encoder.training
     encoder.eval()
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
     try:
-        for batch in _batches(images, batch_size):
-            sizes = {tuple(img.pixels.shape) for img in batch}
-            if len(sizes) != 1:
-                raise TipslabError(f"source images: expected one preprocessed shape per batch, got {sorted(sizes)}")
-            patches, grid = embed_images(encoder, torch.stack([img.pixels for img in batch]), feature)
+        for batch, patches, grid in run_batches(encoder, _uniform_batches(images, plan.batch_size), plan,
+                                                dense=feature == "dense"):
             if patches.shape[1] != grid[0] * grid[1]:
                 raise TipslabError(f"encoder: {patches.shape[1]} patch tokens do not fill its grid {grid}")
             vectors = patches.numpy()

@@ -2,7 +2,7 @@
 writes or reads one (`index_dir` describes the layout and what each file holds)."""
 
 FORMAT = "tipslab-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: deleted images, file sizes, tuned search; 1 still reads
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 METADATA_FILE = "metadata.parquet"

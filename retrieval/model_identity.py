@@ -43,7 +43,7 @@ def model_identity(model_path: str | os.PathLike) -> dict:
     return info
 
 
-def _model_cfg_dict(model_cfg) -> dict | None:
+def model_cfg_dict(model_cfg) -> dict | None:
     if model_cfg is None:
         return None
     try:
@@ -125,7 +125,7 @@ def load_indexed_model(manifest: dict, where: Path, device: str | None = None, m
     return loaded
 
 
-def _default_device() -> str:
+def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from tipslab.retrieval.durable import _write_npy
+from tipslab.retrieval.durable import write_npy
+from tipslab.retrieval.index_files import open_part
 from tipslab.retrieval.index_layout import VECTORS_DIR
 
 PART_ROWS = 1 << 20  # vectors per part file; an image never straddles two parts
 ADD_CHUNK = 65536
 
 
-class _PartWriter:
+class PartWriter:
     """Appends float16 vectors to ``vectors/part-NNNNN.npy`` files, splitting at image boundaries."""
 
     def __init__(self, folder: Path, first_part: int):
@@ -37,24 +38,27 @@ class _PartWriter:
         if not self.pending_rows:
             return
         name = f"part-{self.next_part:05d}.npy"
-        _write_npy(self.folder / name, np.concatenate(self.pending))
+        write_npy(self.folder / name, np.concatenate(self.pending))
         self.parts.append({"file": f"{VECTORS_DIR}/{name}", "rows": self.pending_rows})
         self.next_part += 1
         self.pending, self.pending_rows = [], 0
 
 
-class _VectorStore:
+class VectorStore:
     """Read access to the float16 parts: rows by global vector id, memory-mapped."""
 
-    def __init__(self, root: Path, parts: list[dict]):
+    def __init__(self, root: Path, parts: list[dict], dim: int | None = None):
         self.root = root
         self.parts = parts
+        self._dim = dim
         self.starts = np.cumsum([0] + [p["rows"] for p in parts])
         self._arrays: dict[int, np.ndarray] = {}
 
     def _part(self, i: int) -> np.ndarray:
         if i not in self._arrays:
-            self._arrays[i] = np.load(self.root / self.parts[i]["file"], mmap_mode="r")
+            path = self.root / self.parts[i]["file"]
+            self._arrays[i] = open_part(path, int(self.parts[i]["rows"]), self._dim)
+            self._dim = int(self._arrays[i].shape[1])
         return self._arrays[i]
 
     def rows(self, start: int, count: int) -> np.ndarray:
@@ -72,9 +76,65 @@ class _VectorStore:
     def sample(self, count: int, rng: np.random.Generator) -> np.ndarray:
         total = int(self.starts[-1])
         picks = np.sort(rng.choice(total, size=min(count, total), replace=False))
-        out = np.empty((len(picks), self._part(0).shape[1]), dtype=np.float32)
+        out = np.empty((len(picks), self.dim), dtype=np.float32)
         for i in range(len(self.parts)):
             lo, hi = np.searchsorted(picks, [self.starts[i], self.starts[i + 1]])
             if hi > lo:
                 out[lo:hi] = self._part(i)[picks[lo:hi] - self.starts[i]]
         return out
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """float32 rows of any vector ids (in the order given)."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        owner = np.searchsorted(self.starts, ids, side="right") - 1
+        for i in np.unique(owner):
+            where = np.flatnonzero(owner == i)
+            out[where] = self._part(int(i))[ids[where] - self.starts[i]]
+        return out
+
+    @property
+    def dim(self) -> int:
+        if self._dim is None:
+            self._part(0)
+        return int(self._dim)
+
+
+def rescore(store: VectorStore, queries: np.ndarray, candidates: np.ndarray, k: int):
+    """Exact top-k among each query's candidate ids (-1 = none), scored from the float16 store.
+
+    Returns (scores float32 [Q, k], ids int64 [Q, k]) padded with (-inf, -1) as FAISS pads.
+    """
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    ids = np.full((len(queries), k), -1, dtype=np.int64)
+    for qi, (cand, query) in enumerate(zip(candidates, queries)):
+        cand = np.unique(cand[cand >= 0])
+        if not len(cand):
+            continue
+        exact = store.take(cand) @ query
+        order = np.argsort(-exact, kind="stable")[:k]
+        scores[qi, :len(order)], ids[qi, :len(order)] = exact[order], cand[order]
+    return scores, ids
+
+
+def exact_top_k(store: VectorStore, queries: np.ndarray, k: int, excluded: np.ndarray | None = None,
+                chunk: int = ADD_CHUNK) -> np.ndarray:
+    """Exact inner-product top-k ids ``[Q, k]`` over every stored vector, reading the parts in chunks
+    (ground truth for recall; never holds more than one chunk in float32)."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(q), k), -1, dtype=np.int64)
+    start = 0
+    for block in store.iter_chunks(chunk):
+        s = q @ block.T
+        if excluded is not None and len(excluded):
+            hit = excluded[(excluded >= start) & (excluded < start + len(block))] - start
+            s[:, hit] = -np.inf
+        cand_s = np.concatenate([best_s, s], axis=1)
+        cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + len(block)), s.shape)], axis=1)
+        top = np.argpartition(-cand_s, k - 1, axis=1)[:, :k] if cand_s.shape[1] > k else np.argsort(-cand_s, axis=1)
+        best_s = np.take_along_axis(cand_s, top, axis=1)
+        best_i = np.take_along_axis(cand_i, top, axis=1)
+        start += len(block)
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    return np.take_along_axis(best_i, order, axis=1)

@@ -140,6 +140,9 @@ def test_index_scenes_then_search_in_a_fresh_process(tiny_model, tmp_path, capsy
     manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     assert manifest["model"]["sha256"] == sha256_file(tiny_model / "model.safetensors")
     assert manifest["model"]["model_cfg"]["vision"]["img_size"] == 112 and manifest["feature"] == "dense"
+    from tipslab.datamodules.preprocess import Preprocessing
+
+    assert manifest["preprocessing"] == Preprocessing(112).describe()  # the one preprocessing, as used
 
     # A fresh process, given only the directory and the text.
     run = subprocess.run([sys.executable, "-c", FRESH_SEARCH, "search", str(tmp_path / "idx"), "a red circle",
