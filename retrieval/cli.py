@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from tipslab.errors import TipslabError
+from tipslab.retrieval.regions import REGION_FRACTION, REGION_UPSAMPLE
 
 
 def _positive_int(text: str) -> int:
@@ -164,8 +165,12 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--candidates", type=_positive_int, default=None,
                         help="patches fetched from FAISS before re-scoring (default max(100, 20 k))")
     parser.add_argument("--per-image", type=_positive_int, default=2, help="regions per image at most (default 2)")
-    parser.add_argument("--fraction", type=float, default=0.75,
-                        help="patch threshold as a fraction of each image's score range (default 0.75)")
+    parser.add_argument("--fraction", type=float, default=REGION_FRACTION,
+                        help="region threshold as a fraction of each image's score range "
+                             f"(default {REGION_FRACTION})")
+    parser.add_argument("--upsample", type=_positive_int, default=REGION_UPSAMPLE,
+                        help="regions are found on the score map upsampled this many times, so boxes can end "
+                             f"inside a patch (default {REGION_UPSAMPLE}; 1: the patch grid)")
     parser.add_argument("--threshold", type=_unit_float, default=None, metavar="P",
                         help="keep regions whose confidence (the query's share against background prompts, "
                              "0..1) is at least P (default 0.5); 0 keeps the top k whatever they score")
@@ -211,7 +216,7 @@ def run_search(args) -> int:
     searcher = Searcher(args.index_dir, device=args.device, model=args.model)
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     hits = searcher.search(args.query, args.k, templates=None if args.no_templates else DEFAULT_TEMPLATES,
-                           candidates=args.candidates, per_image=args.per_image, fraction=args.fraction,
+                           candidates=args.candidates, per_image=args.per_image, fraction=args.fraction, upsample=args.upsample,
                            params=args.params, threshold=threshold or None)
     if fills_text_context(searcher.loaded, args.query):
         print(f"note: the query fills the text tower's context of {text_context_length(searcher.loaded)} "

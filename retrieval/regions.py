@@ -121,27 +121,63 @@ def patch_box(mask: np.ndarray, image_size: tuple[int, int]) -> tuple[int, int, 
     return x0, y0, min(x1, width), min(y1, height)
 
 
+# Regions: the score map upsampled 4x (boxes can end inside a patch), patches within the top half of
+# each image's score range. With perfect score maps of the scenes this finds the object's box (IoU
+# >= 0.5) for 98% of queries, against 54% for the patch grid at 0.75 (docs/RECIPE.md).
+REGION_UPSAMPLE = 4
+REGION_FRACTION = 0.5
+
+
+def _linear_weights(n: int, factor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    centres = np.clip((np.arange(n * factor) + 0.5) / factor - 0.5, 0, n - 1)
+    low = np.floor(centres).astype(int)
+    return low, np.minimum(low + 1, n - 1), (centres - low).astype(np.float32)
+
+
+def upsample_scores(grid: np.ndarray, factor: int) -> np.ndarray:
+    """The score map bilinearly resampled ``factor`` times finer, each patch score at its cell's
+    centre (torch's ``interpolate(..., "bilinear", align_corners=False)``; numpy here so that
+    region grouping needs no torch)."""
+    if factor == 1:
+        return grid
+    lo, hi, w = _linear_weights(grid.shape[0], factor)
+    rows = grid[lo] * (1 - w)[:, None] + grid[hi] * w[:, None]
+    lo, hi, w = _linear_weights(grid.shape[1], factor)
+    return (rows[:, lo] * (1 - w) + rows[:, hi] * w).astype(np.float32)
+
+
 def find_regions(scores, image_size: tuple[int, int], *, fraction: float | None = 0.75,
                  margin: float | None = None, min_score: float | None = None,
-                 reduce: str = "max", min_patches: int = 1, max_regions: int | None = None) -> list[Region]:
+                 reduce: str = "max", min_patches: int = 1, max_regions: int | None = None,
+                 upsample: int = 1) -> list[Region]:
     """Regions of one image's ``[grid_h, grid_w]`` patch scores, best first.
 
     ``reduce`` = "max" scores a region by its best patch (what FAISS found), "mean" by the
     average of its patches (favours compact, uniformly strong regions). Regions smaller than
     ``min_patches`` are dropped, unless that would drop every region (the best patch always
     yields one).
+
+    ``upsample`` > 1 thresholds and groups the bilinearly upsampled map, so a box can end inside a
+    patch: on the patch grid an object two patches wide rounds out to every patch it touches and
+    rarely reaches IoU 0.5 with its true box (docs/RECIPE.md measures it). A region's ``mask``,
+    ``score`` and ``peak`` stay on the patch grid (the patches any of its cells fall in).
     """
     if reduce not in ("max", "mean"):
         raise TipslabError(f"region reduce: expected 'max' or 'mean', got {reduce!r}")
+    if int(upsample) != upsample or upsample < 1:
+        raise TipslabError(f"region upsample: expected a positive integer, got {upsample!r}")
+    upsample = int(upsample)
     grid = _as_grid(scores)
-    labels, count = connected_components(threshold_mask(grid, fraction, margin, min_score))
+    fine = upsample_scores(grid, upsample)
+    labels, count = connected_components(threshold_mask(fine, fraction, margin, min_score))
     regions = []
     for label in range(1, count + 1):
-        member = labels == label
+        cells = labels == label
+        member = cells.reshape(grid.shape[0], upsample, grid.shape[1], upsample).any(axis=(1, 3))
         values = grid[member]
         flat_peak = int(np.argmax(np.where(member, grid, -np.inf)))
         regions.append(Region(
-            box=patch_box(member, image_size),
+            box=patch_box(cells, image_size),
             mask=member,
             score=float(values.max() if reduce == "max" else values.mean()),
             peak=(flat_peak // grid.shape[1], flat_peak % grid.shape[1]),

@@ -31,7 +31,7 @@ import torch
 
 from tipslab.errors import TipslabError
 from tipslab.retrieval.index_dir import IndexDirectory
-from tipslab.retrieval.regions import box_iou, find_regions
+from tipslab.retrieval.regions import REGION_FRACTION, REGION_UPSAMPLE, box_iou, find_regions
 
 # A small prompt ensemble in the spirit of TCL's set used by the official TIPS zero-shot
 # segmentation notebook (which averages 9 templates); the exact official list was not checked.
@@ -53,7 +53,8 @@ NULL_PROMPTS = (
     "a photo.", "an image.", "background.", "a plain dark background.", "a blurry photo.",
     "a texture.", "something.", "an object.", "a pattern.", "nothing in particular.",
 )
-DEFAULT_THRESHOLD = 0.5  # confidence: the query's share against all background prompts together
+DEFAULT_THRESHOLD = 0.5
+ # confidence: the query's share against all background prompts together
 _ARTICLE = re.compile(r"^(a|an|the)\s+", re.IGNORECASE)
 # A query already written as a caption ("a photo of a dog", "an image showing ...") is used as is.
 _SENTENCE = re.compile(r"^(a|an|the)?\s*(photo|picture|image|close-up|drawing|painting)\b|[.!?]$", re.IGNORECASE)
@@ -172,8 +173,8 @@ def score_map(index: IndexDirectory, image_id: int, query: np.ndarray) -> np.nda
 
 def search_by_vectors(index, query_vectors, k: int = 5, *, queries: Sequence[str] | None = None,
                       candidates: int | None = None, max_images: int | None = None, per_image: int = 2,
-                      fraction: float | None = 0.75, margin: float | None = None, reduce: str = "max",
-                      min_patches: int = 1, dedupe_iou: float = 0.5, params: str | None = None,
+                      fraction: float | None = REGION_FRACTION, margin: float | None = None, reduce: str = "max",
+                      upsample: int = REGION_UPSAMPLE, min_patches: int = 1, dedupe_iou: float = 0.5, params: str | None = None,
                       gpu: bool | None = None, null_vectors: np.ndarray | None = None,
                       logit_scale: float = 1.0 / 0.07, threshold: float | None = None,
                       exclude: Sequence[tuple[int, tuple[int, int, int, int]]] = (),
@@ -222,7 +223,7 @@ def search_by_vectors(index, query_vectors, k: int = 5, *, queries: Sequence[str
             share = None if nulls is None else confidence_map(index, image_id, q[qi], nulls, logit_scale)
             kept = []
             for region in find_regions(heat, size, fraction=fraction, margin=margin, reduce=reduce,
-                                       min_patches=min_patches):
+                                       min_patches=min_patches, upsample=upsample):
                 if any(box_iou(region.box, other.box) > dedupe_iou for other in kept):
                     continue
                 if any(image_id == ex_id and box_iou(region.box, ex_box) > dedupe_iou for ex_id, ex_box in exclude):

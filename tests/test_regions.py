@@ -6,10 +6,12 @@ import torch
 
 from tipslab.errors import TipslabError
 from tipslab.retrieval.regions import (
+    box_iou,
     connected_components,
     find_regions,
     patch_box,
     threshold_mask,
+    upsample_scores,
 )
 
 
@@ -83,3 +85,37 @@ def test_bad_input_is_a_clear_error():
         find_regions(np.full((2, 2), np.nan), (10, 10))
     with pytest.raises(TipslabError, match="reduce"):
         find_regions(np.zeros((2, 2)), (10, 10), reduce="median")
+
+
+def test_upsample_scores_is_bilinear_with_cell_centres():
+    # Hand-computed: centres of a 2x finer row sit at -0.25, 0.25, 0.75, 1.25 patch units (edges clamp).
+    row = upsample_scores(np.array([[0.0, 1.0]], np.float32), 2)
+    assert row.shape == (2, 4)
+    np.testing.assert_allclose(row[0], [0.0, 0.25, 0.75, 1.0])
+    np.testing.assert_allclose(row[1], row[0])
+
+
+def _coverage(box, image=80, grid=8):
+    """Share of each patch covered by ``box`` (a perfect score map of one object)."""
+    cell = image // grid
+    edges = np.arange(grid + 1) * cell
+    over_x = np.clip(np.minimum(edges[1:], box[2]) - np.maximum(edges[:-1], box[0]), 0, None) / cell
+    over_y = np.clip(np.minimum(edges[1:], box[3]) - np.maximum(edges[:-1], box[1]), 0, None) / cell
+    return np.outer(over_y, over_x).astype(np.float32)
+
+
+def test_upsampled_regions_box_a_small_object_that_the_patch_grid_cannot():
+    truth = (15, 15, 33, 33)  # 18 px: two patches wide, not aligned with the 10 px patch grid
+    scores = _coverage(truth)
+    coarse = find_regions(scores, (80, 80), fraction=0.5)[0]
+    fine = find_regions(scores, (80, 80), fraction=0.5, upsample=4)[0]
+    assert box_iou(coarse.box, truth) < 0.5
+    assert box_iou(fine.box, truth) >= 0.5
+    # The region's patches, score and peak stay on the patch grid.
+    assert fine.mask.shape == scores.shape and fine.peak == (2, 2) and fine.score == float(scores.max())
+    assert fine.mask[2, 2] and not fine.mask[5:, :].any()
+
+
+def test_upsample_must_be_a_positive_integer():
+    with pytest.raises(TipslabError, match="upsample"):
+        find_regions(np.zeros((2, 2)), (10, 10), upsample=0)
