@@ -261,11 +261,11 @@ class PretrainingSystem(L.LightningModule):
             component.on_optimizer_step()
 
     def configure_model(self):
-        # Called by Lightning under ModelParallelStrategy (FSDP2) with the device mesh set.
-        if getattr(self, "device_mesh", None) is not None:
-            from tipslab.platform.parallelize import parallelize_system
+        # Called by Lightning under every strategy; under ModelParallelStrategy (FSDP2) with the
+        # device mesh set. Activation checkpointing and compile apply either way.
+        from tipslab.platform.parallelize import parallelize_system
 
-            parallelize_system(self, self.device_mesh, self.cfg)
+        parallelize_system(self, getattr(self, "device_mesh", None), self.cfg)
 
 
 def load_distill_teacher(cfg):
