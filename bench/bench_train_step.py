@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from tipslab.platform.config import load_config  # noqa: E402
 from tipslab.platform.ema import ema_update_  # noqa: E402
 from tipslab.platform.parallelize import parallelize_system  # noqa: E402
+from tipslab.platform.precision import precision_plan  # noqa: E402
 from tipslab.platform.system import PretrainingSystem  # noqa: E402
 
 RECIPES = {
@@ -141,7 +142,8 @@ def time_lightning(cfg, batch, steps: int, device: str) -> float:
             ends.append(time.perf_counter())
 
     trainer = L.Trainer(max_steps=steps + 2, accelerator="gpu" if device == "cuda" else "cpu", devices=1,
-                        strategy=build_strategy(cfg), precision="bf16-mixed" if device == "cuda" else "32-true",
+                        strategy=build_strategy(cfg),
+                        precision=precision_plan(cfg.trainer.strategy, cfg.trainer.precision).lightning,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[StepEnds()], limit_val_batches=0)
     class SameBatch:  # an iterable of batches (a plain list would be read as a list of loaders)
@@ -158,7 +160,9 @@ def time_lightning(cfg, batch, steps: int, device: str) -> float:
 def _cfg(exp: str, extra: list[str], args):
     return load_config(exp, [f"model.vision.size={args.size}", f"model.text.size={args.size}",
                              f"model.vision.img_size={args.img}", f"data.batch_size={args.batch}",
-                             "data.num_train=" + str(max(args.batch, 64)), *extra])
+                             "data.num_train=" + str(max(args.batch, 64)),
+                             # bf16 on CUDA: autocast, or under FSDP2 its policy alone (platform/precision.py)
+                             f"trainer.precision={'bf16-mixed' if args.device == 'cuda' else '32-true'}", *extra])
 
 
 def run_variant(name: str, args) -> None:

@@ -16,7 +16,11 @@ The order matters (as in DINOv3's `ac_compile_parallelize`):
    optimizer, hold no optimizer state;
 4. `fully_shard` each trained block, then the root: the root unit holds what no block owns
    (embeddings, final norms, the temperature, the components' heads) and its forward is the
-   system's forward.
+   system's forward;
+5. explicit prefetch along each tower's chain of sharded blocks, forward and backward (DINOv3).
+
+Mixed precision: FSDP2's policy (bf16 parameters, fp32 reduce) is the only cast under FSDP2;
+Lightning then runs without autocast (platform/precision.py).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from functools import partial
 
 import torch
 from torch import nn
+
+from tipslab.platform.precision import precision_plan
 
 # none: keep every activation; full: recompute whole blocks in backward; mlp: recompute only the
 # MLPs (their hidden activations are the largest: 4x the width); ops: recompute whole blocks but
@@ -105,11 +111,9 @@ def parallelize_system(system, device_mesh, cfg) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
-    precision = str(trainer_cfg.precision)
-    policy = MixedPrecisionPolicy(
-        param_dtype=torch.bfloat16 if precision.startswith("bf16") else None,
-        reduce_dtype=torch.float32,
-    )
+    # bf16 params, fp32 reduce; Lightning runs without autocast then (platform/precision.py).
+    plan = precision_plan("fsdp", trainer_cfg.precision)
+    policy = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
     # 3. inference-only teachers
     distill = getattr(system, "distill_teacher", None)
     if distill is not None:
@@ -123,6 +127,29 @@ def parallelize_system(system, device_mesh, cfg) -> None:
     for block in transformer_blocks(system):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(system, mesh=mesh, mp_policy=policy)
+    # 5. prefetch along each tower, as DINOv3 sets it
+    for blocks in block_chains(system):
+        chain_prefetch(blocks)
+
+
+def block_chains(system) -> list[list[nn.Module]]:
+    """The sharded blocks of each tower in the order they run: trained vision, text, EMA teacher
+    (the frozen distillation tower is one unit: nothing to chain)."""
+    chains = [list(system.encoder.vision.blocks), list(system.encoder.text.blocks)]
+    teacher = getattr(system, "teacher_vision", None)
+    if teacher is not None:
+        chains.append(list(teacher.blocks))
+    return chains
+
+
+def chain_prefetch(blocks: list[nn.Module]) -> None:
+    """Block i all-gathers block i+1's parameters when its forward starts, and block i+1 block
+    i's when its backward starts (DINOv3's `fsdp_transformer`): the next all-gather overlaps
+    the current block's compute in both directions, instead of FSDP2's default (backward only,
+    found by tracing the forward order)."""
+    for current, following in zip(blocks, blocks[1:]):
+        current.set_modules_to_forward_prefetch([following])
+        following.set_modules_to_backward_prefetch([current])
 
 
 def fsdp2_strategy(world: int):

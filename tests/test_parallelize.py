@@ -99,3 +99,46 @@ def test_bad_activation_checkpointing_is_a_one_line_config_error(override, expec
         _cfg(override)
     message = str(err.value)
     assert expected in message and "trainer.activation_checkpointing" in message and "\n" not in message
+
+
+@pytest.fixture
+def one_process_mesh(tmp_path):
+    """A real 1-process gloo group and its device mesh: fully_shard runs as it does under Lightning."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_casts_to_bf16_alone_and_prefetches_along_each_tower(one_process_mesh):
+    from torch.distributed.fsdp import FSDPModule
+
+    system = PretrainingSystem(_cfg("trainer.strategy=fsdp", "trainer.precision=bf16-mixed",
+                                    "trainer.activation_checkpointing=full", "trainer.activation_checkpointing_every=2"))
+    parallelize_system(system, one_process_mesh, system.cfg)
+    for tower in ("vision", "text"):
+        blocks = list(getattr(system.encoder, tower).blocks)
+        states = [b._get_fsdp_state() for b in blocks]
+        assert all(isinstance(b, FSDPModule) for b in blocks)
+        for state in [*states, system._get_fsdp_state()]:
+            assert (state._mp_policy.param_dtype, state._mp_policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+        # DINOv3's chain: forward to the next block, backward to the previous one, per tower.
+        for i, state in enumerate(states):
+            assert getattr(state, "_states_to_forward_prefetch", []) == states[i + 1:i + 2]
+            assert getattr(state, "_states_to_backward_prefetch", []) == states[max(i - 1, 0):i]
+
+    # The step as Lightning runs it under FSDP2 (precision 32-true: no autocast): the blocks compute
+    # in bf16 from FSDP2's cast alone, the loss in fp32, the gradients land in fp32 shards.
+    seen = []
+    system.encoder.text.blocks[1].register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    system.encoder.vision.blocks[3].register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    assert not torch.is_autocast_enabled("cpu")
+    loss, _ = system.train()(_batch())
+    assert seen == [torch.bfloat16, torch.bfloat16] and loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in system.encoder.parameters() if p.grad is not None]
+    assert len(grads) > 20 and all(type(g).__name__ == "DTensor" and g.dtype == torch.float32 for g in grads)
