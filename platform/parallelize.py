@@ -31,6 +31,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from tipslab.errors import TipslabError
 from tipslab.platform.precision import precision_plan
 
 # none: keep every activation; full: recompute whole blocks in backward; mlp: recompute only the
@@ -72,7 +73,7 @@ def apply_activation_checkpointing(system, mode: str, every: int = 1) -> list[nn
     """Wrap blocks 0, k, 2k, ... of each trained tower (k = `every`) as `mode` says; returns the
     wrapped modules (blocks, or their MLPs for `mlp`)."""
     if mode not in ACTIVATION_CHECKPOINTING:
-        raise ValueError(f"activation checkpointing {mode!r}; expected one of {', '.join(ACTIVATION_CHECKPOINTING)}")
+        raise TipslabError(f"trainer.activation_checkpointing={mode!r}; expected one of {', '.join(ACTIVATION_CHECKPOINTING)}")
     if mode == "none":
         return []
     wrap = _checkpoint_wrapper(mode)
@@ -89,7 +90,7 @@ def apply_activation_checkpointing(system, mode: str, every: int = 1) -> list[nn
 
 
 def parallelize_system(system, device_mesh, cfg) -> None:
-    """Steps 1-4 of the module docstring on `system`, once (Lightning may call configure_model
+    """Steps 1-5 of the module docstring on `system`, once (Lightning may call configure_model
     again in the same process); `device_mesh` None: steps 1 and 2 only."""
     if getattr(system, "_parallelized", False):
         return
