@@ -8,6 +8,8 @@ Default table (contrastive only, ablate_contrastive):
   Lightning, strategy auto   Trainer.fit on the system
   Lightning, FSDP2           ModelParallelStrategy on one device (the sharding code path)
   FSDP2 + act. ckpt          activation checkpointing on every block
+  FSDP2 + selective AC       every 2nd block, only the MLPs, or DINOv3's op policy (keep matmul and
+                             attention outputs): the middle grounds between memory and compute
   ... compiled               per-block torch.compile rows (CUDA, or --compile), against the compiled bare loop
 Columns: ms/step, images/s, ratio to the bare loop, achieved TFLOP/s and MFU (FLOPs of one step
 counted once with torch's FlopCounterMode; peak from platform/throughput.py: a GPU data-sheet
@@ -34,35 +36,32 @@ import torch  # noqa: E402
 
 from tipslab.platform.config import load_config  # noqa: E402
 from tipslab.platform.ema import ema_update_  # noqa: E402
+from tipslab.platform.parallelize import parallelize_system  # noqa: E402
+from tipslab.platform.precision import precision_plan  # noqa: E402
 from tipslab.platform.system import PretrainingSystem  # noqa: E402
 
 RECIPES = {
     "contrastive only": ("ablate_contrastive", []),
     "full recipe, head EMA": ("ablate_head_ema", []),
     "full recipe, full EMA": ("ablate_full_ema", []),
-    "full, head EMA + act. ckpt": ("ablate_head_ema", ["trainer.activation_checkpointing=true"]),
+    "full, head EMA + act. ckpt": ("ablate_head_ema", ["trainer.activation_checkpointing=full"]),
 }
 FSDP = ["trainer.strategy=fsdp"]
+SELECTIVE = ["trainer.activation_checkpointing=full", "trainer.activation_checkpointing_every=2"]
 OVERHEAD = {  # name: (loop, overrides); rows with trainer.compile=true compare to the compiled bare loop
     "bare loop": ("bare", []),
     "system, plain loop": ("system", []),
     "Lightning, strategy auto": ("lightning", []),
     "Lightning, FSDP2 (1 device)": ("lightning", FSDP),
-    "FSDP2 + act. ckpt": ("lightning", [*FSDP, "trainer.activation_checkpointing=true"]),
+    "FSDP2 + act. ckpt": ("lightning", [*FSDP, "trainer.activation_checkpointing=full"]),
+    "FSDP2 + AC every 2nd block": ("lightning", [*FSDP, *SELECTIVE]),
+    "FSDP2 + AC on MLPs": ("lightning", [*FSDP, "trainer.activation_checkpointing=mlp"]),
+    "FSDP2 + AC, keep matmuls": ("lightning", [*FSDP, "trainer.activation_checkpointing=ops"]),
     "bare loop, blocks compiled": ("bare", ["trainer.compile=true"]),
     "FSDP2 + compile": ("lightning", [*FSDP, "trainer.compile=true"]),
-    "FSDP2 + compile + act. ckpt": ("lightning", [*FSDP, "trainer.compile=true", "trainer.activation_checkpointing=true"]),
+    "FSDP2 + compile + act. ckpt": ("lightning", [*FSDP, "trainer.compile=true", "trainer.activation_checkpointing=full"]),
+    "FSDP2 + compile + selective AC": ("lightning", [*FSDP, "trainer.compile=true", *SELECTIVE]),
 }
-
-
-def _with_checkpointing(system):
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    from tipslab.platform.parallelize import _replace_block, transformer_blocks
-
-    for block in transformer_blocks(system):
-        _replace_block(system, block, checkpoint_wrapper(block))
-    return system
 
 
 def _batch(cfg):
@@ -143,7 +142,8 @@ def time_lightning(cfg, batch, steps: int, device: str) -> float:
             ends.append(time.perf_counter())
 
     trainer = L.Trainer(max_steps=steps + 2, accelerator="gpu" if device == "cuda" else "cpu", devices=1,
-                        strategy=build_strategy(cfg), precision="bf16-mixed" if device == "cuda" else "32-true",
+                        strategy=build_strategy(cfg),
+                        precision=precision_plan(cfg.trainer.strategy, cfg.trainer.precision).lightning,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[StepEnds()], limit_val_batches=0)
     class SameBatch:  # an iterable of batches (a plain list would be read as a list of loaders)
@@ -160,7 +160,9 @@ def time_lightning(cfg, batch, steps: int, device: str) -> float:
 def _cfg(exp: str, extra: list[str], args):
     return load_config(exp, [f"model.vision.size={args.size}", f"model.text.size={args.size}",
                              f"model.vision.img_size={args.img}", f"data.batch_size={args.batch}",
-                             "data.num_train=" + str(max(args.batch, 64)), *extra])
+                             "data.num_train=" + str(max(args.batch, 64)),
+                             # bf16 on CUDA: autocast, or under FSDP2 its policy alone (platform/precision.py)
+                             f"trainer.precision={'bf16-mixed' if args.device == 'cuda' else '32-true'}", *extra])
 
 
 def run_variant(name: str, args) -> None:
@@ -179,8 +181,7 @@ def run_variant(name: str, args) -> None:
         seconds = time_lightning(cfg, batch, args.steps, args.device)
     else:
         system = PretrainingSystem(cfg)
-        if cfg.trainer.activation_checkpointing:
-            system = _with_checkpointing(system)
+        parallelize_system(system, None, cfg)  # activation checkpointing and compile as configured
         seconds = time_steps(system.to(args.device).train(), batch.to(args.device), args.steps, args.device)
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20

@@ -75,12 +75,13 @@ class ContrastiveComponent(LossComponent):
         return self._loss
 
     def pair_loss(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-        image = F.normalize(image, dim=-1)
-        text = F.normalize(text, dim=-1)
-        scale = logit_scale.exp().clamp(max=100.0).squeeze()
+        # float32 logits whatever the towers' dtype (bf16 under FSDP2, no autocast: docs/SCALE.md)
+        image = F.normalize(image.float(), dim=-1)
+        text = F.normalize(text.float(), dim=-1)
+        scale = logit_scale.float().exp().clamp(max=100.0).squeeze()
         if self.kind == "softmax":
             return self._loss_fn()(image, text, scale)
-        return self._loss_fn()(image, text, scale, self.logit_bias.squeeze())
+        return self._loss_fn()(image, text, scale, self.logit_bias.float().squeeze())
 
     def forward(self, features: Features) -> LossOutput:
         losses, metrics = {}, {}

@@ -3,6 +3,9 @@
 Tensors in, scalar (or probabilities) out, as lightly's losses are: no heads, no state, no
 config. The loss components (dino.py, ibot.py, koleo.py, distill.py) route features into them.
 Each has a test against a hand-computed case (tests/test_losses.py).
+
+Every loss computes in float32 (inputs cast on entry), whatever the dtype of the model's
+activations: under FSDP2's bf16 parameters there is no autocast to do it (docs/SCALE.md).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def centered_teacher_probs(logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
     """DINO's teacher targets: softmax((logits - center) / teacher_temp) over the last dim."""
-    return F.softmax((logits - center) / teacher_temp, dim=-1)
+    return F.softmax((logits.float() - center) / teacher_temp, dim=-1)
 
 
 @torch.no_grad()
@@ -44,7 +47,7 @@ def sinkhorn_knopp(logits: torch.Tensor, teacher_temp: float, n_iterations: int 
 
 def cross_entropy_soft(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
     """−Σ_k p_teacher · log softmax(student / student_temp), per row (last dim summed)."""
-    return -(teacher_probs * F.log_softmax(student_logits / student_temp, dim=-1)).sum(dim=-1)
+    return -(teacher_probs.float() * F.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(dim=-1)
 
 
 def dino_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
@@ -98,7 +101,7 @@ def ibot_loss(student_patch_logits: torch.Tensor, teacher_patch_probs: torch.Ten
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """KoLeo (DINOv2): −mean log distance of each L2-normalised row of ``x [B, D]`` to its nearest
     neighbour; spreads features over the sphere."""
-    x = F.normalize(x, dim=-1, eps=eps)
+    x = F.normalize(x.float(), dim=-1, eps=eps)
     with torch.no_grad():
         sims = x @ x.T
         sims.fill_diagonal_(-2.0)  # never one's own neighbour
@@ -110,7 +113,7 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 def cosine_distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """1 − cosine similarity of matching rows (last dim), averaged: a feature-matching loss that
     ignores the teacher's feature scale."""
-    return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+    return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
 
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 Built from the published architecture: token embedding scaled by sqrt(width), fixed sinusoidal
 positions (timescales 1 to 10000, sines then cosines), pre-LN blocks whose ReLU MLP output is
-zeroed at padded positions, a key-padding mask, `ln_final`, and a mean over the non-padded
+zeroed at padded positions, a key-padding mask (fused SDPA), `ln_final`, and a mean over the non-padded
 tokens. Padding is id 0. Module names follow the official PyTorch port so its state dict loads
 as is: `token_embedding`, `transformer.resblocks.i.{ln_1, attn, ln_2, mlp.c_fc, mlp.c_proj}`,
 `ln_final` (the positions are computed, not stored).
@@ -54,17 +54,47 @@ class MaskedMlp(nn.Module):
         return self.c_proj(x) * keep
 
 
+class PaddedSelfAttention(nn.Module):
+    """Multi-head self-attention on `F.scaled_dot_product_attention` with a key-padding mask.
+
+    The parameters and their initialisation are `nn.MultiheadAttention`'s (`in_proj_weight`,
+    `in_proj_bias`, `out_proj`), so official checkpoints load as is. Written out because
+    `nn.MultiheadAttention` in training goes through `multi_head_attention_forward`: a
+    batch-first transpose and copies, a float mask expanded per head, Python checks per call.
+    Here: one packed projection, batch-first views, a boolean `[B, 1, 1, L]` mask that SDPA
+    broadcasts (its fused memory-efficient kernel on GPU), one output projection.
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise TipslabError(f"text width {width} is not divisible by its {heads} heads")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+        """`x [B, L, D]`; `attend [B, L]` bool, True where a key may be attended to."""
+        b, length, width = x.shape
+        qkv = nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(b, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :])
+        return self.out_proj(out.transpose(1, 2).reshape(b, length, width))
+
+
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width: int, heads: int, mlp_dim: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width, eps=1e-5)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.attn = PaddedSelfAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width, eps=1e-5)
         self.mlp = MaskedMlp(width, mlp_dim)
 
-    def forward(self, x: torch.Tensor, key_padding: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        h = self.ln_1(x)
-        x = x + self.attn(h, h, h, key_padding_mask=key_padding, need_weights=False)[0]
+    def forward(self, x: torch.Tensor, attend: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attend)
         return x + self.mlp(self.ln_2(x), keep)
 
 
@@ -106,13 +136,13 @@ class TextTower(nn.Module):
         # A text with no tokens at all would make every attention row -inf (NaN, also in the
         # gradient). Letting its first key through changes nothing kept: padded positions are
         # zeroed by the pooling below, so such a text pools to zeros, as in the official code.
-        key_padding = padding.clone()
-        key_padding[:, 0] &= ~padding.all(dim=1)
+        attend = ~padding
+        attend[:, 0] |= padding.all(dim=1)
 
         x = self.token_embedding(ids) * math.sqrt(self.width)
         x = x + sinusoidal_positions(ids.shape[1], self.width, device=ids.device).to(x.dtype)
         for block in self.blocks:
-            x = block(x, key_padding, keep)
+            x = block(x, attend, keep)
         x = self.ln_final(x)
         # Masked mean; eps as the official GlobalAvgPooling.
         return (x * keep).sum(dim=1) / (keep.sum(dim=1) + 1e-8)

@@ -95,7 +95,18 @@ _LOWER_BOUNDS = {
     "data.num_train": (1, "at least one training image"),
     "optim.warmup_steps": (0, "0 or more steps"),
     "eval.every_n_steps": (0, "0 (only at the end) or a step interval"),
+    "trainer.activation_checkpointing_every": (1, "1 (every block) or more"),
 }
+
+
+def _check_choices(cfg: DictConfig, where: str) -> None:
+    from tipslab.platform.parallelize import ACTIVATION_CHECKPOINTING
+
+    for key, choices in {"trainer.activation_checkpointing": ACTIVATION_CHECKPOINTING}.items():
+        value = OmegaConf.select(cfg, key, throw_on_missing=False, default=None)
+        if value is not None and value not in choices:
+            raise TipslabError(f"config key '{key}' in {where} or the overrides must be one of "
+                               f"{', '.join(choices)}, got {value!r}")
 
 
 # Dense probes (defaults_probe.yaml) may run without checkpoints.
@@ -252,6 +263,7 @@ def load_config(exp: str, overrides: list[str] | tuple[str, ...] = (), defaults:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise TipslabError(f"cannot resolve config of {exp_path}: {err}") from err
+    _check_choices(cfg, str(exp_path))  # before the types: true/false get the list of choices
     _check_types(defaults, cfg, str(exp_path))
     _check_ranges(cfg, str(exp_path), _PROBE_LOWER_BOUNDS if key_set == "defaults_probe" else _LOWER_BOUNDS)
     return cfg

@@ -1,9 +1,14 @@
 """Activation checkpointing, compile and FSDP2 sharding, applied in one place and one order.
 
+`parallelize_system` runs for every strategy (from `PretrainingSystem.configure_model`); without
+a device mesh (strategy auto: one process or DDP) it stops after step 2.
+
 The order matters (as in DINOv3's `ac_compile_parallelize`):
-1. activation checkpointing wraps each *trained* transformer block, so recomputation happens
-   inside the block that is later compiled and sharded (teachers run without gradients: nothing
-   to recompute);
+1. activation checkpointing (`trainer.activation_checkpointing`, every
+   `trainer.activation_checkpointing_every`-th block of each trained tower) wraps whole blocks,
+   only their MLPs, or whole blocks saving their matmul and attention outputs (DINOv3's selective
+   policy), so recomputation happens inside the block that is later compiled and sharded
+   (teachers run without gradients: nothing to recompute);
 2. compile each block (trained and teacher), so graphs stay small and identical across blocks;
 3. `fully_shard` the teachers as inference-only models: the full-EMA tower's blocks (its
    remaining parameters join the root unit) and the frozen distillation tower (its own root: it
@@ -11,15 +16,28 @@ The order matters (as in DINOv3's `ac_compile_parallelize`):
    optimizer, hold no optimizer state;
 4. `fully_shard` each trained block, then the root: the root unit holds what no block owns
    (embeddings, final norms, the temperature, the components' heads) and its forward is the
-   system's forward.
+   system's forward;
+5. explicit prefetch along each tower's chain of sharded blocks, forward and backward (DINOv3).
+
+Mixed precision: FSDP2's policy (bf16 parameters, fp32 reduce) is the only cast under FSDP2;
+Lightning then runs without autocast (platform/precision.py).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
+
+from tipslab.errors import TipslabError
+from tipslab.platform.precision import precision_plan
+
+# none: keep every activation; full: recompute whole blocks in backward; mlp: recompute only the
+# MLPs (their hidden activations are the largest: 4x the width); ops: recompute whole blocks but
+# keep what matmuls and attention produced (DINOv3's selective policy: only cheap ops rerun).
+ACTIVATION_CHECKPOINTING = ("none", "full", "mlp", "ops")
 
 
 def transformer_blocks(system) -> list[nn.Module]:
@@ -35,26 +53,52 @@ def teacher_towers(system) -> list[nn.Module]:
     return [tower for tower in towers if tower is not None]
 
 
-def _replace_block(system, old: nn.Module, new: nn.Module) -> None:
+def _checkpoint_wrapper(mode: str):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    if mode != "ops":
+        return checkpoint_wrapper
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    aten = torch.ops.aten
+    saved = [aten.mm.default, aten.addmm.default, aten.bmm.default,
+             aten._scaled_dot_product_efficient_attention.default,
+             aten._scaled_dot_product_flash_attention.default,
+             aten._scaled_dot_product_flash_attention_for_cpu.default,
+             aten._scaled_dot_product_cudnn_attention.default]
+    return partial(checkpoint_wrapper, context_fn=partial(create_selective_checkpoint_contexts, saved))
+
+
+def apply_activation_checkpointing(system, mode: str, every: int = 1) -> list[nn.Module]:
+    """Wrap blocks 0, k, 2k, ... of each trained tower (k = `every`) as `mode` says; returns the
+    wrapped modules (blocks, or their MLPs for `mlp`)."""
+    if mode not in ACTIVATION_CHECKPOINTING:
+        raise TipslabError(f"trainer.activation_checkpointing={mode!r}; expected one of {', '.join(ACTIVATION_CHECKPOINTING)}")
+    if mode == "none":
+        return []
+    wrap = _checkpoint_wrapper(mode)
+    wrapped = []
     for container in (system.encoder.vision.blocks, system.encoder.text.blocks):
-        for index, block in enumerate(container):
-            if block is old:
-                container[index] = new
-                return
+        for index in range(0, len(container), int(every)):
+            if mode == "mlp":
+                container[index].mlp = wrap(container[index].mlp)
+                wrapped.append(container[index].mlp)
+            else:
+                container[index] = wrap(container[index])
+                wrapped.append(container[index])
+    return wrapped
 
 
 def parallelize_system(system, device_mesh, cfg) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
+    """Steps 1-5 of the module docstring on `system`, once (Lightning may call configure_model
+    again in the same process); `device_mesh` None: steps 1 and 2 only."""
+    if getattr(system, "_parallelized", False):
+        return
+    system._parallelized = True
     trainer_cfg = cfg.trainer
     # 1. activation checkpointing
-    if trainer_cfg.activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-            checkpoint_wrapper,
-        )
-
-        for block in transformer_blocks(system):
-            _replace_block(system, block, checkpoint_wrapper(block))
+    apply_activation_checkpointing(system, str(trainer_cfg.activation_checkpointing),
+                                   int(trainer_cfg.activation_checkpointing_every))
     # 2. compile
     if trainer_cfg.compile:
         for block in transformer_blocks(system):
@@ -62,13 +106,15 @@ def parallelize_system(system, device_mesh, cfg) -> None:
         for tower in teacher_towers(system):
             for block in tower.blocks:
                 block.compile()
+    if device_mesh is None:
+        return
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
-    precision = str(trainer_cfg.precision)
-    policy = MixedPrecisionPolicy(
-        param_dtype=torch.bfloat16 if precision.startswith("bf16") else None,
-        reduce_dtype=torch.float32,
-    )
+    # bf16 params, fp32 reduce; Lightning runs without autocast then (platform/precision.py).
+    plan = precision_plan("fsdp", trainer_cfg.precision)
+    policy = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
     # 3. inference-only teachers
     distill = getattr(system, "distill_teacher", None)
     if distill is not None:
@@ -82,6 +128,29 @@ def parallelize_system(system, device_mesh, cfg) -> None:
     for block in transformer_blocks(system):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(system, mesh=mesh, mp_policy=policy)
+    # 5. prefetch along each tower, as DINOv3 sets it
+    for blocks in block_chains(system):
+        chain_prefetch(blocks)
+
+
+def block_chains(system) -> list[list[nn.Module]]:
+    """The sharded blocks of each tower in the order they run: trained vision, text, EMA teacher
+    (the frozen distillation tower is one unit: nothing to chain)."""
+    chains = [list(system.encoder.vision.blocks), list(system.encoder.text.blocks)]
+    teacher = getattr(system, "teacher_vision", None)
+    if teacher is not None:
+        chains.append(list(teacher.blocks))
+    return chains
+
+
+def chain_prefetch(blocks: list[nn.Module]) -> None:
+    """Block i all-gathers block i+1's parameters when its forward starts, and block i+1 block
+    i's when its backward starts (DINOv3's `fsdp_transformer`): the next all-gather overlaps
+    the current block's compute in both directions, instead of FSDP2's default (backward only,
+    found by tracing the forward order)."""
+    for current, following in zip(blocks, blocks[1:]):
+        current.set_modules_to_forward_prefetch([following])
+        following.set_modules_to_backward_prefetch([current])
 
 
 def fsdp2_strategy(world: int):

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tipslab.errors import TipslabError
 from tipslab.platform.config import save_config
+from tipslab.platform.precision import precision_plan
 from tipslab.platform.tracking import build_logger, default_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class TrainResult:
 
 def preflight(cfg: DictConfig) -> None:
     """Fail at once, before building anything, when the machine or the data cannot run `cfg`."""
+    precision_plan(cfg.trainer.strategy, cfg.trainer.precision)  # a precision FSDP2 cannot run is a config error
     problems = []
     trainer = cfg.trainer
     if trainer.accelerator == "gpu":
@@ -210,7 +212,8 @@ def _train(cfg: DictConfig) -> TrainResult:
         devices=cfg.trainer.devices,
         num_nodes=int(cfg.trainer.num_nodes),
         strategy=build_strategy(cfg),
-        precision=cfg.trainer.precision,
+        # One owner of the bf16 cast: autocast, or FSDP2's policy (platform/precision.py).
+        precision=precision_plan(cfg.trainer.strategy, cfg.trainer.precision).lightning,
         accumulate_grad_batches=int(cfg.trainer.accumulate_grad_batches),
         # Clipping happens in PretrainingSystem.optimizer_step (DTensor-aware, every strategy).
         gradient_clip_val=None,

@@ -80,7 +80,7 @@ def test_matches_reference_from_published_architecture(tower):
 
 
 def test_training_mode_matches_eval_mode(tower):
-    # nn.MultiheadAttention takes a different (fused) path in eval; both must agree.
+    # No dropout in the tower: training mode must compute the same (the SDPA kernel may differ).
     ids = random_ids(3, 16, 100, seed=1)
     with torch.no_grad():
         evaluated = tower(ids)
@@ -147,3 +147,29 @@ def test_size_table_and_errors():
         TextTower("xl")
     with pytest.raises(TipslabError, match="integer tensor"):
         TextTower("tiny", vocab_size=10)(torch.rand(2, 3))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_sdpa_attention_matches_nn_multihead_attention(padded):
+    """The fused-SDPA attention against the previous path (nn.MultiheadAttention with a
+    key-padding mask) given the same weights, outputs and input gradients within 1e-5."""
+    from tipslab.modules.text import PaddedSelfAttention
+
+    torch.manual_seed(0)
+    ours = PaddedSelfAttention(192, 3)
+    previous = torch.nn.MultiheadAttention(192, 3, batch_first=True)
+    assert previous.load_state_dict(ours.state_dict()) is not None  # the same keys and shapes
+    ids = random_ids(4, 12, 100, seed=3) if padded else torch.randint(1, 100, (4, 12))
+    padding = ids == 0
+    assert bool(padding.any()) == padded
+    for mode in ("train", "eval"):
+        ours.train(mode == "train")
+        previous.train(mode == "train")
+        x = torch.randn(4, 12, 192, requires_grad=True)
+        got = ours(x, ~padding)
+        (grad_got,) = torch.autograd.grad(got.square().sum(), x)
+        want = previous(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+        (grad_want,) = torch.autograd.grad(want.square().sum(), x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if mode == "train":
+            torch.testing.assert_close(grad_got, grad_want, rtol=1e-5, atol=1e-5)
