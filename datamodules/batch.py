@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from tipslab.datamodules.transforms import as_float
+
 
 @dataclass
 class Batch:
@@ -56,20 +58,30 @@ class Batch:
         return self._map(lambda t: t.pin_memory())
 
 
+def crop_major(per_item: list[list[torch.Tensor]]) -> torch.Tensor:
+    """``[V, B, ...]`` of ``B`` items' lists of ``V`` views, in one copy: crop-major, so view ``v``
+    of the whole batch is one contiguous slice; uint8 views become float in [0, 1] here, once per
+    batch (per crop it cost more than the resize, see bench/bench_data.py)."""
+    count, size = len(per_item[0]), len(per_item)
+    stacked = torch.stack([view for views in zip(*per_item) for view in views])
+    stacked = stacked.view(count, size, *stacked.shape[1:])
+    return stacked if stacked.dtype == torch.bool else as_float(stacked)  # masks stay bool
+
+
 def collate(items: list[dict], tokenizer) -> Batch:
     """A Batch of processed items (``image``, ``alt``, ``caption``, ``granularity``, ``id``, and,
-    when the data makes them, ``globals``, ``locals`` and ``masks`` lists per item)."""
+    when the data makes them, ``globals``, ``locals`` and ``masks`` lists per item). Views may be
+    uint8 (crops of decoded images) or float in [0, 1]; the batch's are float."""
     alts = [item["alt"] for item in items]
     captions = [item["caption"] for item in items]
     global_crops = local_crops = masks = None
     if "globals" in items[0]:
-        # [G, B, ...]: crop-major, so crop g of the whole batch is one contiguous slice.
-        global_crops = torch.stack([torch.stack(views) for views in zip(*(i["globals"] for i in items))])
+        global_crops = crop_major([i["globals"] for i in items])
         if items[0]["locals"]:
-            local_crops = torch.stack([torch.stack(views) for views in zip(*(i["locals"] for i in items))])
+            local_crops = crop_major([i["locals"] for i in items])
     if "masks" in items[0]:
-        masks = torch.stack([torch.stack(views) for views in zip(*(i["masks"] for i in items))])
-    images = global_crops[0] if global_crops is not None else torch.stack([item["image"] for item in items])
+        masks = crop_major([i["masks"] for i in items])
+    images = global_crops[0] if global_crops is not None else crop_major([[item["image"]] for item in items])[0]
     return Batch(
         images=images,
         alt_ids=tokenizer(alts).long(),

@@ -65,6 +65,7 @@ DEFAULTS = {
     "captions": {"alt": None, "short": None, "long": None},
     "caption_check_samples": 32,
     "max_image_pixels": MAX_PIXELS,
+    "decode_draft": True,
     "bad_samples": {"max_share": 0.1, "min_seen": 1000},
 }
 TINY_HINT = "to run the tiny built-in scenes experiment instead: make train EXP=tipsv2_tiny"
@@ -188,6 +189,8 @@ class PretrainDataModule(L.LightningDataModule):
                               captions=self.caption_mapping, max_pixels=int(cfg["max_image_pixels"]),
                               sources=list(cfg["sources"] or []), resampled=bool(cfg["resampled"]),
                               epoch_samples=cfg["epoch_samples"])
+        if cfg["decode_draft"]:
+            shards.decode_scale = self.processor.decode_scale
         # A wrong data.captions key fails now, after a few samples, not after an epoch of fallbacks.
         for source in shards.sources:  # each source's first shard: sources may be laid out differently
             url = source.urls[0]

@@ -29,7 +29,7 @@ import torch
 import webdataset as wds
 
 from tipslab.datamodules.caption_fields import CaptionMapping, CaptionProblem
-from tipslab.datamodules.image_io import IMAGE_EXTENSIONS, MAX_PIXELS, UnreadableImage, read_image
+from tipslab.datamodules.image_io import IMAGE_EXTENSIONS, MAX_PIXELS, UnreadableImage, read_image_reduced
 from tipslab.datamodules.mixing import ShardSource, check_unweighted, parse_sources, resampled_samples
 from tipslab.datamodules.sample_quality import SkipCounter
 from tipslab.datamodules.scene_captions import StoredSceneCaptions
@@ -115,6 +115,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.epoch = int(epoch)
         self.captions = captions or CaptionMapping()
         self.max_pixels = int(max_pixels)
+        # ``(width, height) -> factor``: how far a JPEG may decode smaller (`SampleProcessor.decode_scale`,
+        # set by the data module with ``data.decode_draft``); None: full size.
+        self.decode_scale = None
         self.counts = SkipCounter()  # since the last `counts.take()` (a batch stream takes them per batch)
         self.skipped = 0  # in this process, ever
         self.skipped_samples: list[tuple[str, str]] = []  # (key or url, reason)
@@ -186,7 +189,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
             self._skip(where, str(err), err.kind)
             return None
         try:
-            image = read_image(raw[ext], name=f".{ext} member", max_pixels=self.max_pixels, conversions=conversions)
+            image, (width, height) = read_image_reduced(raw[ext], self.decode_scale, name=f".{ext} member",
+                                                        max_pixels=self.max_pixels, conversions=conversions)
         except UnreadableImage as err:
             self._skip(where, str(err), err.kind)
             return None
@@ -194,8 +198,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
         meta = meta or {}
         sample = {"image": image, "captions": captions, "id": str(meta.get("id", key)), "key": key,
                   "objects": meta.get("objects"), "source": raw.get("__source__")}
+        if image.size != (width, height):  # decoded smaller: crops are drawn on the full size
+            sample["source_size"] = (width, height)
         if StoredSceneCaptions.usable(meta.get("objects")):  # scenes shards: captions follow the crop
-            sample["crop_captions"] = StoredSceneCaptions(meta["objects"], image.height, image.width)
+            sample["crop_captions"] = StoredSceneCaptions(meta["objects"], height, width)
         return sample
 
     def first_captions(self, count: int = 32, url: str | None = None) -> list[tuple[dict | None, str | None]]:
