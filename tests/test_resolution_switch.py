@@ -1,0 +1,96 @@
+"""Resolution stages: the stored position table moves to the new grid once, outputs unchanged, resume exact."""
+
+import copy
+
+import lightning as L
+import torch
+
+from tipslab.datamodules.datamodule import PretrainDataModule
+from tipslab.modules.checkpoint import load_checkpoint, save_checkpoint
+from tipslab.modules.tokenizers import build_tokenizer
+from tipslab.modules.vision import VisionTower
+from tipslab.platform.config import load_config
+from tipslab.platform.system import PretrainingSystem
+
+# 42 px (a 3x3 grid) for two steps, then 56 px (4x4) from step 2.
+OVERRIDES = ["model.vision.img_size=42", "model.text.context_length=8", "model.tokenizer.context_length=8",
+             "data.num_train=16", "data.batch_size=4", "data.resolution_stages=[{step: 2, image_size: 56}]",
+             "optim.warmup_steps=1", "trainer.max_steps=5"]
+
+
+def test_set_pos_grid_keeps_outputs_and_resizes_the_optimizer_state():
+    torch.manual_seed(0)
+    tower = VisionTower("tiny", img_size=28).eval()
+    with torch.no_grad():
+        tower.vit.pos_embed.normal_()  # a table that is not near zero, so the resize matters
+    images = torch.rand(2, 3, 56, 56)
+    param = tower.vit.pos_embed
+    optimizer = torch.optim.AdamW(tower.parameters(), lr=1e-3)
+    tower(torch.rand(2, 3, 28, 28)).cls1.sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        on_the_fly = tower(images)
+    tower.set_pos_grid(4, [optimizer])
+    assert tower.vit.pos_embed is param and param.shape == (1, 16, tower.embed_dim)
+    assert tower.pos_grid == 4 and tower.img_size == 56 and tuple(tower.vit.patch_embed.grid_size) == (4, 4)
+    state = optimizer.state[param]
+    assert state["exp_avg"].shape == param.shape and (state["exp_avg_sq"] >= 0).all()
+    with torch.no_grad():
+        stored = tower(images)
+    for a, b in [(on_the_fly.cls1, stored.cls1), (on_the_fly.patches, stored.patches)]:
+        assert torch.allclose(a, b, atol=1e-5)
+    optimizer.zero_grad()
+    tower(images).cls1.sum().backward()
+    optimizer.step()  # the resized state steps with the resized parameter
+
+
+def _fit(tmp_path, max_steps, ckpt_path=None, save_every=None):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cfg = load_config("ablate_contrastive", [*OVERRIDES, f"trainer.max_steps={max_steps}"])
+    torch.manual_seed(0)
+    system = PretrainingSystem(cfg)
+    callbacks = [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=save_every, save_top_k=-1,
+                                 filename="step{step}", auto_insert_metric_name=False)] if save_every else []
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=bool(save_every), callbacks=callbacks,
+                        default_root_dir=tmp_path, limit_val_batches=0)
+    datamodule = PretrainDataModule(cfg.data, build_tokenizer(**cfg.model.tokenizer), seed=int(cfg.seed))
+    grids = []
+
+    class Grids(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            grids.append((batch.images.shape[-1], module.encoder.vision.pos_grid))
+
+    trainer.callbacks.append(Grids())
+    trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
+    return system, grids
+
+
+def test_stage_switch_resizes_once_and_a_resume_after_it_is_exact(tmp_path):
+    full, grids = _fit(tmp_path, max_steps=5, save_every=3)
+    assert grids == [(42, 3), (42, 3), (56, 4), (56, 4), (56, 4)]  # the table followed the stage at step 2
+    assert full.encoder.vision.vit.pos_embed.shape[1] == 16
+    resumed, grids = _fit(tmp_path / "resumed", max_steps=5, ckpt_path=tmp_path / "step3.ckpt")
+    assert grids == [(56, 4), (56, 4)]
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    # The exported model records the grid it now runs at and loads back.
+    save_checkpoint(full.encoder, load_config("ablate_contrastive", OVERRIDES).model, tmp_path / "model")
+    encoder, model_cfg = load_checkpoint(tmp_path / "model")
+    assert model_cfg["vision"]["img_size"] == 56 and encoder.vision.pos_grid == 4
+    assert torch.equal(encoder.vision.vit.pos_embed, full.encoder.vision.vit.pos_embed)
+
+
+def test_no_stages_no_switch():
+    cfg = load_config("ablate_contrastive", OVERRIDES[:-3])
+    system = PretrainingSystem(cfg)
+    from tipslab.platform.resolution_switch import follow_resolution_stage
+
+    assert not follow_resolution_stage(system, torch.rand(1, 3, 56, 56))
+    assert system.encoder.vision.pos_grid == 3
+    staged = PretrainingSystem(load_config("ablate_contrastive", OVERRIDES))
+    before = copy.deepcopy(staged.encoder.vision)
+    assert follow_resolution_stage(staged, torch.rand(1, 3, 56, 56))
+    assert staged.encoder.vision.pos_grid == 4 and before.pos_grid == 3
