@@ -25,6 +25,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from tipslab.datamodules.batch import Batch
 from tipslab.datamodules.caption_fields import CaptionMapping
 from tipslab.datamodules.image_io import MAX_PIXELS
 from tipslab.datamodules.loader import ResumableLoader
@@ -213,6 +214,9 @@ class PretrainDataModule(L.LightningDataModule):
         warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
         rank, world = _distributed(self.trainer)
         stream = self.train_stream(rank, world)
+        # In a Trainer, crops travel as uint8 (4x fewer bytes through worker queues and to the
+        # device) and become float on the device (`on_after_batch_transfer`); plain loops get floats.
+        stream.float_pixels = self.trainer is None
         workers = int(self.cfg["num_workers"])
         loader = ResumableLoader(
             stream,
@@ -255,6 +259,9 @@ class PretrainDataModule(L.LightningDataModule):
                     self._log_quality(loader)
                     break
         return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return batch.with_float_pixels() if isinstance(batch, Batch) else batch
 
     def _log_quality(self, loader: ResumableLoader) -> None:
         """Bad-sample counts to the run's logger (MLflow) every ``trainer.log_every_n_steps``."""

@@ -151,6 +151,7 @@ class MapBatchStream(torch.utils.data.IterableDataset):
                                f"{self.world_size} rank(s); use more samples or a smaller data.batch_size")
         self.epoch, self.start_batch = 0, 0
         self.stream_token: str | None = None
+        self.float_pixels = True  # False: uint8 views, made float on the device (see PretrainDataModule)
         self.skipped = 0
         self.counts = SkipCounter()  # since the last batch made; handed to it (`Batch.data_counts`)
 
@@ -192,7 +193,7 @@ class MapBatchStream(torch.utils.data.IterableDataset):
         for index in order[global_batch * self.batch_size:(global_batch + 1) * self.batch_size]:
             index, sample = self._load(int(index))
             items.append(process(sample, sample_rng(self.seed, epoch, index)))
-        out = collate(items, self.tokenizer)
+        out = collate(items, self.tokenizer, self.float_pixels)
         out.stream_token = self.stream_token
         out.data_counts = self.counts.take()
         return out
@@ -217,6 +218,7 @@ class ShardBatchStream(torch.utils.data.IterableDataset):
         self.workers = max(int(num_workers), 1)
         self.epoch, self.start_batch = 0, 0
         self.stream_token: str | None = None
+        self.float_pixels = True  # False: uint8 views, made float on the device (see PretrainDataModule)
 
     def set_position(self, epoch: int, start_batch: int) -> None:
         self.epoch, self.start_batch = 0, int(start_batch)  # endless: the position is the batch count
@@ -256,7 +258,7 @@ class ShardBatchStream(torch.utils.data.IterableDataset):
                 continue  # already consumed before the resume: decoded, not transformed
             process = self.processor.for_batch(virtual + local * workers)  # this batch's number on the rank
             items = [process(s, sample_rng(self.seed, s["_pass"], key_number(s["key"]))) for s in samples]
-            out = collate(items, self.tokenizer)
+            out = collate(items, self.tokenizer, self.float_pixels)
             out.stream_token = self.stream_token
             # Counts since the last batch this worker yielded (resumed-over batches' included).
             out.data_counts = self.shards.counts.take()

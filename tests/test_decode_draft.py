@@ -100,3 +100,42 @@ def test_collate_turns_uint8_views_into_the_same_floats_as_per_crop():
     assert batch.global_crops.shape == (2, 4, 3, 14, 14) and batch.global_crops.dtype == torch.float32
     assert torch.equal(batch.global_crops[1, 2], views[2].flip(-1).float() / 255)
     assert batch.images.data_ptr() == batch.global_crops[0].data_ptr()
+
+
+def test_a_trainer_gets_uint8_from_the_loader_and_the_same_floats_on_the_device(tmp_path):
+    import lightning as L
+
+    write_scene_shards(ScenesDataset("train", 8, 56, seed=0), tmp_path, samples_per_shard=4, image_format="jpg")
+    cfg = {"source": "shards", "path": str(tmp_path), "image_size": 28, "batch_size": 4, "num_workers": 0,
+           "shuffle_buffer": 4, "global_crops": {"count": 2}, "local_crops": {"count": 2, "size": 14}}
+    plain = [b for b, _ in zip(PretrainDataModule(cfg, TOKENIZER, seed=3).train_dataloader(), range(2))]
+    assert plain[0].global_crops.dtype == torch.float32
+
+    left_the_loader = []
+
+    class Watched(PretrainDataModule):
+        def on_before_batch_transfer(self, batch, dataloader_idx):
+            left_the_loader.append(batch.global_crops.dtype)
+            return super().on_before_batch_transfer(batch, dataloader_idx)
+
+    class Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch)
+            return self.weight * batch.images.mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    model = Recorder()
+    L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, default_root_dir=tmp_path).fit(
+        model, datamodule=Watched(cfg, TOKENIZER, seed=3))
+    assert left_the_loader == [torch.uint8, torch.uint8]
+    for got, want in zip(model.seen, plain, strict=True):
+        assert got.ids == want.ids and got.images.data_ptr() == got.global_crops[0].data_ptr()
+        assert torch.equal(got.global_crops, want.global_crops) and torch.equal(got.local_crops, want.local_crops)
