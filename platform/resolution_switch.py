@@ -11,8 +11,9 @@ object is kept (its data replaced) and AdamW's state of that one parameter is re
 (`set_pos_grid`). A checkpoint written after the switch holds the new grid: `match_checkpoint`
 (from the LightningModule's ``on_load_checkpoint``, which Lightning calls before loading the
 weights and before building the optimizer) resizes the fresh model's table to the saved grid
-first, so a resume is exact. Under FSDP2 the table is a sharded DTensor that FSDP owns; there
-the stored table stays at the first grid and the forward keeps interpolating every step
+first, so a resume is exact. In a multi-process run the table is not replaced: DDP's gradient
+buckets are sized at wrap time and under FSDP2 the table is a sharded DTensor that FSDP owns.
+There the stored table stays at the first grid and the forward keeps interpolating every step
 (correct, slower; a warning says so).
 """
 
@@ -42,6 +43,11 @@ def _sharded(tower) -> bool:
     return isinstance(tower.vit.pos_embed, DTensor)
 
 
+def _several_processes() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def stages_configured(cfg) -> bool:
     data = cfg.get("data") if hasattr(cfg, "get") else None
     return bool(data is not None and data.get("resolution_stages"))
@@ -56,12 +62,12 @@ def follow_resolution_stage(system, images: torch.Tensor, optimizers=()) -> bool
     towers = [t for t in _towers(system) if t.pos_grid != grid]
     if not towers:
         return False
-    if any(_sharded(t) for t in towers):
-        if not getattr(system, "_warned_sharded_switch", False):
-            warnings.warn(f"resolution stage: images now {images.shape[-1]} px but FSDP2 shards the position table; "
-                          f"it stays at {towers[0].pos_grid}x{towers[0].pos_grid} and is interpolated every step",
-                          stacklevel=2)
-            object.__setattr__(system, "_warned_sharded_switch", True)
+    if _several_processes() or any(_sharded(t) for t in towers):
+        if not getattr(system, "_warned_fixed_table", False):
+            warnings.warn(f"resolution stage: images now {images.shape[-1]} px in a multi-process run (DDP / FSDP2); "
+                          f"the position table stays at {towers[0].pos_grid}x{towers[0].pos_grid} and is "
+                          "interpolated every step", stacklevel=2)
+            system._warned_fixed_table = True
         return False
     for tower in towers:
         tower.set_pos_grid(grid, optimizers if tower is system.encoder.vision else ())
