@@ -94,3 +94,15 @@ def test_no_stages_no_switch():
     before = copy.deepcopy(staged.encoder.vision)
     assert follow_resolution_stage(staged, torch.rand(1, 3, 56, 56))
     assert staged.encoder.vision.pos_grid == 4 and before.pos_grid == 3
+
+
+def test_a_full_ema_teacher_follows_the_student():
+    from tipslab.platform.ema import ema_update_
+    from tipslab.platform.resolution_switch import follow_resolution_stage
+
+    system = PretrainingSystem(load_config("ablate_head_ema", [*OVERRIDES[:3], OVERRIDES[5], "ema.mode=full"]))
+    assert system.teacher_vision is not None and system.teacher_vision.pos_grid == 3
+    assert follow_resolution_stage(system, torch.rand(1, 3, 56, 56))
+    assert system.encoder.vision.pos_grid == system.teacher_vision.pos_grid == 4
+    ema_update_(system.momentum_pairs(), 0.9)  # the pairs still line up, shape for shape
+    assert system.teacher_vision.vit.pos_embed.shape == system.encoder.vision.vit.pos_embed.shape
