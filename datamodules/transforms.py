@@ -143,7 +143,10 @@ class GlobalCrop:
         full_h, full_w = (source_size[1], source_size[0]) if source_size is not None else pixels.shape[-2:]
         box = crop_params(full_h, full_w, rng, scale or self.scale, self.ratio)
         top, left, h, w = box_in(pixels, box, source_size)
-        out = F.resized_crop(pixels, top, left, h, w, [self.image_size, self.image_size], antialias=True)
+        # torchvision's resize kernel on the box's view: `resized_crop` without its per-call dispatch
+        # (ten crops a sample make that overhead show; same pixels).
+        out = F.resize_image(pixels[..., top:top + h, left:left + w], [self.image_size, self.image_size],
+                             antialias=True)
         flipped = self.flip and bool(rng.random() < 0.5)
         if flipped:
             out = F.horizontal_flip(out)
