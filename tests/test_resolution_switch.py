@@ -4,12 +4,14 @@ import copy
 
 import lightning as L
 import torch
+from omegaconf import OmegaConf
 
 from tipslab.datamodules.datamodule import PretrainDataModule
 from tipslab.modules.checkpoint import load_checkpoint, save_checkpoint
 from tipslab.modules.tokenizers import build_tokenizer
 from tipslab.modules.vision import VisionTower
 from tipslab.platform.config import load_config
+from tipslab.platform.export import export_checkpoint
 from tipslab.platform.system import PretrainingSystem
 
 # 42 px (a 3x3 grid) for two steps, then 56 px (4x4) from step 2.
@@ -68,19 +70,24 @@ def _fit(tmp_path, max_steps, ckpt_path=None, save_every=None):
 
 
 def test_stage_switch_resizes_once_and_a_resume_after_it_is_exact(tmp_path):
-    full, grids = _fit(tmp_path, max_steps=5, save_every=3)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    full, grids = _fit(checkpoints, max_steps=5, save_every=3)
     assert grids == [(42, 3), (42, 3), (56, 4), (56, 4), (56, 4)]  # the table followed the stage at step 2
     assert full.encoder.vision.vit.pos_embed.shape[1] == 16
-    resumed, grids = _fit(tmp_path / "resumed", max_steps=5, ckpt_path=tmp_path / "step3.ckpt")
+    resumed, grids = _fit(tmp_path / "resumed", max_steps=5, ckpt_path=checkpoints / "step3.ckpt")
     assert grids == [(56, 4), (56, 4)]
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
-    # The exported model records the grid it now runs at and loads back.
-    save_checkpoint(full.encoder, load_config("ablate_contrastive", OVERRIDES).model, tmp_path / "model")
-    encoder, model_cfg = load_checkpoint(tmp_path / "model")
-    assert model_cfg["vision"]["img_size"] == 56 and encoder.vision.pos_grid == 4
-    assert torch.equal(encoder.vision.vit.pos_embed, full.encoder.vision.vit.pos_embed)
+    # The saved model and `tipslab export` of a training checkpoint record the grid it now runs at.
+    cfg = load_config("ablate_contrastive", OVERRIDES)
+    save_checkpoint(full.encoder, cfg.model, tmp_path / "model")
+    OmegaConf.save(cfg, tmp_path / "run" / "config.yaml")
+    export_checkpoint(checkpoints / "step3.ckpt", tmp_path / "exported")
+    for folder in ("model", "exported"):
+        encoder, model_cfg = load_checkpoint(tmp_path / folder)
+        assert model_cfg["vision"]["img_size"] == 56 and encoder.vision.pos_grid == 4
+    assert torch.equal(load_checkpoint(tmp_path / "model")[0].vision.vit.pos_embed, full.encoder.vision.vit.pos_embed)
 
 
 def test_no_stages_no_switch():
