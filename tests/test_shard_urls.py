@@ -42,6 +42,7 @@ def test_memory_urls_read_like_local_files(shards):
     assert len(set(expected)) == 12
     assert ids_of(url) == expected
     assert ids_of(f"{url}/shard-{{000000..000002}}.tar") == expected
+    assert ids_of(f"file://{local}") == expected  # file:// goes through fsspec too
 
 
 def test_url_sources_mix_and_count(shards):
