@@ -182,8 +182,11 @@ class PretrainDataModule(L.LightningDataModule):
         if cfg["source"] == "manifest":
             from tipslab.datamodules.manifest import ManifestDataset
 
-            return ManifestDataset(cfg["path"], root=cfg["root"], captions=self.caption_mapping,
-                                   max_pixels=int(cfg["max_image_pixels"]))
+            manifest = ManifestDataset(cfg["path"], root=cfg["root"], captions=self.caption_mapping,
+                                       max_pixels=int(cfg["max_image_pixels"]))
+            if cfg["decode_draft"]:
+                manifest.decode_scale = self.processor.decode_scale
+            return manifest
         from tipslab.datamodules.shards import ShardDataset
 
         shards = ShardDataset(cfg["path"], seed=self.seed, shuffle_buffer=int(cfg["shuffle_buffer"]),

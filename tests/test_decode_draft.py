@@ -139,3 +139,13 @@ def test_a_trainer_gets_uint8_from_the_loader_and_the_same_floats_on_the_device(
     for got, want in zip(model.seen, plain, strict=True):
         assert got.ids == want.ids and got.images.data_ptr() == got.global_crops[0].data_ptr()
         assert torch.equal(got.global_crops, want.global_crops) and torch.equal(got.local_crops, want.local_crops)
+
+
+def test_manifest_jpegs_decode_smaller_too(tmp_path):
+    (tmp_path / "big.jpg").write_bytes(jpeg(448, 336))
+    (tmp_path / "m.csv").write_text("image_path,short\nbig.jpg,a picture\nbig.jpg,the same picture\n")
+    cfg = {"source": "manifest", "path": str(tmp_path / "m.csv"), "image_size": 28, "batch_size": 2}
+    sample = PretrainDataModule(cfg, TOKENIZER).train_source()[0]
+    assert sample["source_size"] == (448, 336) and sample["image"].size[0] < 448
+    full = PretrainDataModule({**cfg, "decode_draft": False}, TOKENIZER).train_source()[0]
+    assert full["image"].size == (448, 336) and "source_size" not in full
