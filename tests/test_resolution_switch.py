@@ -58,23 +58,40 @@ def _fit(tmp_path, max_steps, ckpt_path=None, save_every=None):
                         enable_model_summary=False, enable_checkpointing=bool(save_every), callbacks=callbacks,
                         default_root_dir=tmp_path, limit_val_batches=0)
     datamodule = PretrainDataModule(cfg.data, build_tokenizer(**cfg.model.tokenizer), seed=int(cfg.seed))
-    grids = []
+    grids, outputs = [], []
 
-    class Grids(L.Callback):
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+    def patches(module, images):  # the tower's output with the weights of this moment
+        tower = module.encoder.vision
+        was_training = tower.training
+        with torch.no_grad():
+            out = tower.eval()(images).patches
+        tower.train(was_training)
+        return out
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):  # before the system's own hook
+            self.images = batch.images
+            outputs.append([patches(module, batch.images)])
+
+        def on_before_backward(self, trainer, module, loss):  # after it; the weights are not updated yet
+            outputs[-1].append(patches(module, self.images))
+
+        def on_train_batch_end(self, trainer, module, outputs_, batch, batch_idx):
             grids.append((batch.images.shape[-1], module.encoder.vision.pos_grid))
 
-    trainer.callbacks.append(Grids())
+    trainer.callbacks.append(Watch())
     trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
-    return system, grids
+    return system, grids, outputs
 
 
 def test_stage_switch_resizes_once_and_a_resume_after_it_is_exact(tmp_path):
     checkpoints = tmp_path / "run" / "checkpoints"
-    full, grids = _fit(checkpoints, max_steps=5, save_every=3)
+    full, grids, outputs = _fit(checkpoints, max_steps=5, save_every=3)
     assert grids == [(42, 3), (42, 3), (56, 4), (56, 4), (56, 4)]  # the table followed the stage at step 2
+    on_the_fly, stored = outputs[2]  # the switch step: interpolated from 3x3 before, the stored 4x4 after
+    assert on_the_fly.shape == stored.shape and torch.allclose(on_the_fly, stored, atol=1e-5)
     assert full.encoder.vision.vit.pos_embed.shape[1] == 16
-    resumed, grids = _fit(tmp_path / "resumed", max_steps=5, ckpt_path=checkpoints / "step3.ckpt")
+    resumed, grids, _ = _fit(tmp_path / "resumed", max_steps=5, ckpt_path=checkpoints / "step3.ckpt")
     assert grids == [(56, 4), (56, 4)]
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
