@@ -264,7 +264,12 @@ class PretrainDataModule(L.LightningDataModule):
         return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        return batch.with_float_pixels() if isinstance(batch, Batch) else batch
+        if not isinstance(batch, Batch) or batch.images.dtype != torch.uint8:
+            return batch
+        # Lightning casts a batch's floats to a "-true" precision (bf16-true...) before the transfer,
+        # when these views were still uint8: the same cast, now that they are float.
+        batch = batch.with_float_pixels()
+        return self.trainer.precision_plugin.convert_input(batch) if self.trainer is not None else batch
 
     def _log_quality(self, loader: ResumableLoader) -> None:
         """Bad-sample counts to the run's logger (MLflow) every ``trainer.log_every_n_steps``."""

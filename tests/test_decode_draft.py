@@ -102,7 +102,8 @@ def test_collate_turns_uint8_views_into_the_same_floats_as_per_crop():
     assert batch.images.data_ptr() == batch.global_crops[0].data_ptr()
 
 
-def test_a_trainer_gets_uint8_from_the_loader_and_the_same_floats_on_the_device(tmp_path):
+@pytest.mark.parametrize("precision, dtype", [("32-true", torch.float32), ("64-true", torch.float64)])
+def test_a_trainer_gets_uint8_from_the_loader_and_the_same_floats_on_the_device(tmp_path, precision, dtype):
     import lightning as L
 
     write_scene_shards(ScenesDataset("train", 8, 56, seed=0), tmp_path, samples_per_shard=4, image_format="jpg")
@@ -132,13 +133,14 @@ def test_a_trainer_gets_uint8_from_the_loader_and_the_same_floats_on_the_device(
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     model = Recorder()
-    L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+    L.Trainer(max_steps=2, accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False, enable_model_summary=False,
               enable_checkpointing=False, default_root_dir=tmp_path).fit(
         model, datamodule=Watched(cfg, TOKENIZER, seed=3))
     assert left_the_loader == [torch.uint8, torch.uint8]
     for got, want in zip(model.seen, plain, strict=True):
-        assert got.ids == want.ids and got.images.data_ptr() == got.global_crops[0].data_ptr()
-        assert torch.equal(got.global_crops, want.global_crops) and torch.equal(got.local_crops, want.local_crops)
+        assert got.ids == want.ids and got.global_crops.dtype == got.local_crops.dtype == dtype
+        assert torch.equal(got.global_crops, want.global_crops.to(dtype))
+        assert torch.equal(got.local_crops, want.local_crops.to(dtype)) and torch.equal(got.images, got.global_crops[0])
 
 
 def test_manifest_jpegs_decode_smaller_too(tmp_path):
