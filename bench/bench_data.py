@@ -9,13 +9,17 @@ run, measures:
 - ``loader ViT-B``: the ViT-B recipe's views (2 global crops at 224, 8 local crops at 98, block
   masks), DINOv2's multi-crop.
 
-The loader numbers include reading the tar, the one image reader, crops, captions and
-tokenizing. Ratios are against ``decode`` (target: the loader within 80% of decode, ratio >= 0.8).
+Each loader row runs twice: as a plain loop gets it (``data.decode_draft=false``: every JPEG
+decoded at full size; float views), and as a worker inside a Trainer makes it (``draft``: JPEGs
+decoded at 1/2..1/8 by DCT scaling when every crop keeps at least its output size, i.e. pictures
+larger than the crops need; ``uint8 out``: views leave the worker as uint8 and become float on
+the device, not counted here). The loader numbers include reading the tar, the one image reader,
+crops, captions and tokenizing. Ratios are against ``decode`` (target: the loader within 80% of decode, ratio >= 0.8).
 The CPUs of a shared machine make every number noisy: compare ratios from one run, not runs.
 Never asserted in tests.
 
     python bench/bench_data.py                      # ~20 s: 96 images of 400 x 300
-    python bench/bench_data.py --images 512 --size 640x480
+    python bench/bench_data.py --size 800x600
 """
 
 from __future__ import annotations
@@ -71,13 +75,15 @@ def decode_rate(images: Path, repeats: int) -> float:
     return repeats * len(blobs) / (time.perf_counter() - start)
 
 
-def loader_rate(shards: Path, views: dict, batch_size: int, images: int) -> float:
+def loader_rate(shards: Path, views: dict, batch_size: int, images: int, training_path: bool = True) -> float:
     from tipslab.datamodules.datamodule import PretrainDataModule
     from tipslab.modules.tokenizers import build_tokenizer
 
     cfg = {"source": "shards", "path": str(shards), "batch_size": batch_size, "num_workers": 0,
-           "caption_granularities": ["short", "long"], **views}
+           "caption_granularities": ["short", "long"], "decode_draft": training_path, **views}
     loader = PretrainDataModule(cfg, build_tokenizer(context_length=64), seed=0).train_dataloader()
+    # Inside a Trainer the views leave the worker as uint8 and become float on the device.
+    loader.stream.float_pixels = not training_path
     iterator = iter(loader)
     next(iterator)  # warm-up: opening the first shard, first allocations
     done, start = 0, time.perf_counter()
@@ -100,8 +106,10 @@ def main() -> None:
         images = write_source(Path(tmp), args.images, width, height)
         rows = [("raw JPEG decode (PIL)", decode_rate(images, repeats=2))]
         for name, views in VIEWS.items():
-            rows.append((f"loader {name} ({_describe(views)})", loader_rate(Path(tmp) / "shards", views,
-                                                                          args.batch_size, args.images)))
+            for training_path in (False, True):
+                label = f"loader {name} ({_describe(views)}){', draft, uint8 out' if training_path else ''}"
+                rows.append((label, loader_rate(Path(tmp) / "shards", views, args.batch_size, args.images,
+                                                training_path)))
     base = rows[0][1]
     print(f"\n{args.images} JPEGs of {width}x{height}, one process (= one data-loader worker), 1 thread; "
           "shared CPUs: numbers are noisy, compare the ratios")

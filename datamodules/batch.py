@@ -11,10 +11,12 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from tipslab.datamodules.transforms import as_float
+
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # float [B, 3, H, W] in [0, 1]
+    images: torch.Tensor  # float [B, 3, H, W] in [0, 1] (uint8 0..255 between a trainer's loader and device)
     alt_ids: torch.Tensor  # long [B, L]: CLS1's text (alt-text)
     caption_ids: torch.Tensor  # long [B, L]: CLS2's text (sampled richer caption)
     ids: list[str]  # sample ids, as the source names them
@@ -51,25 +53,42 @@ class Batch:
             moved["images"] = moved["global_crops"][0]
         return replace(self, **moved)
 
+    def with_float_pixels(self) -> Batch:
+        """A copy whose uint8 views (a trainer's batches, see `collate`) are float in [0, 1]: done
+        on the device, after the transfer (4x fewer bytes to move, no CPU pass over the floats)."""
+        return self._map(lambda t: as_float(t) if t.dtype == torch.uint8 else t)
+
     def pin_memory(self) -> Batch:
         # DataLoader(pin_memory=True) calls this on custom batch types.
         return self._map(lambda t: t.pin_memory())
 
 
-def collate(items: list[dict], tokenizer) -> Batch:
+def crop_major(per_item: list[list[torch.Tensor]], to_float: bool = True) -> torch.Tensor:
+    """``[V, B, ...]`` of ``B`` items' lists of ``V`` views, in one copy: crop-major, so view ``v``
+    of the whole batch is one contiguous slice; uint8 views become float in [0, 1] here, once per
+    batch (per crop it cost more than the resize, see bench/bench_data.py), unless ``to_float``
+    is False (they stay uint8 for `Batch.with_float_pixels` on the device)."""
+    count, size = len(per_item[0]), len(per_item)
+    stacked = torch.stack([view for views in zip(*per_item) for view in views])
+    stacked = stacked.view(count, size, *stacked.shape[1:])
+    return as_float(stacked) if to_float and stacked.dtype != torch.bool else stacked  # masks stay bool
+
+
+def collate(items: list[dict], tokenizer, to_float: bool = True) -> Batch:
     """A Batch of processed items (``image``, ``alt``, ``caption``, ``granularity``, ``id``, and,
-    when the data makes them, ``globals``, ``locals`` and ``masks`` lists per item)."""
+    when the data makes them, ``globals``, ``locals`` and ``masks`` lists per item). Views may be
+    uint8 (crops of decoded images) or float in [0, 1]; the batch's are float, or, with
+    ``to_float=False``, uint8 views stay uint8 (a trainer converts them on the device)."""
     alts = [item["alt"] for item in items]
     captions = [item["caption"] for item in items]
     global_crops = local_crops = masks = None
     if "globals" in items[0]:
-        # [G, B, ...]: crop-major, so crop g of the whole batch is one contiguous slice.
-        global_crops = torch.stack([torch.stack(views) for views in zip(*(i["globals"] for i in items))])
+        global_crops = crop_major([i["globals"] for i in items], to_float)
         if items[0]["locals"]:
-            local_crops = torch.stack([torch.stack(views) for views in zip(*(i["locals"] for i in items))])
+            local_crops = crop_major([i["locals"] for i in items], to_float)
     if "masks" in items[0]:
-        masks = torch.stack([torch.stack(views) for views in zip(*(i["masks"] for i in items))])
-    images = global_crops[0] if global_crops is not None else torch.stack([item["image"] for item in items])
+        masks = crop_major([i["masks"] for i in items])
+    images = global_crops[0] if global_crops is not None else crop_major([[i["image"]] for i in items], to_float)[0]
     return Batch(
         images=images,
         alt_ids=tokenizer(alts).long(),

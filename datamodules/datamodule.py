@@ -25,6 +25,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from tipslab.datamodules.batch import Batch
 from tipslab.datamodules.caption_fields import CaptionMapping
 from tipslab.datamodules.image_io import MAX_PIXELS
 from tipslab.datamodules.loader import ResumableLoader
@@ -65,6 +66,7 @@ DEFAULTS = {
     "captions": {"alt": None, "short": None, "long": None},
     "caption_check_samples": 32,
     "max_image_pixels": MAX_PIXELS,
+    "decode_draft": True,
     "bad_samples": {"max_share": 0.1, "min_seen": 1000},
 }
 TINY_HINT = "to run the tiny built-in scenes experiment instead: make train EXP=tipsv2_tiny"
@@ -180,14 +182,19 @@ class PretrainDataModule(L.LightningDataModule):
         if cfg["source"] == "manifest":
             from tipslab.datamodules.manifest import ManifestDataset
 
-            return ManifestDataset(cfg["path"], root=cfg["root"], captions=self.caption_mapping,
-                                   max_pixels=int(cfg["max_image_pixels"]))
+            manifest = ManifestDataset(cfg["path"], root=cfg["root"], captions=self.caption_mapping,
+                                       max_pixels=int(cfg["max_image_pixels"]))
+            if cfg["decode_draft"]:
+                manifest.decode_scale = self.processor.decode_scale
+            return manifest
         from tipslab.datamodules.shards import ShardDataset
 
         shards = ShardDataset(cfg["path"], seed=self.seed, shuffle_buffer=int(cfg["shuffle_buffer"]),
                               captions=self.caption_mapping, max_pixels=int(cfg["max_image_pixels"]),
                               sources=list(cfg["sources"] or []), resampled=bool(cfg["resampled"]),
                               epoch_samples=cfg["epoch_samples"])
+        if cfg["decode_draft"]:
+            shards.decode_scale = self.processor.decode_scale
         # A wrong data.captions key fails now, after a few samples, not after an epoch of fallbacks.
         for source in shards.sources:  # each source's first shard: sources may be laid out differently
             url = source.urls[0]
@@ -210,6 +217,9 @@ class PretrainDataModule(L.LightningDataModule):
         warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
         rank, world = _distributed(self.trainer)
         stream = self.train_stream(rank, world)
+        # In a Trainer, crops travel as uint8 (4x fewer bytes through worker queues and to the
+        # device) and become float on the device (`on_after_batch_transfer`); plain loops get floats.
+        stream.float_pixels = self.trainer is None
         workers = int(self.cfg["num_workers"])
         loader = ResumableLoader(
             stream,
@@ -252,6 +262,14 @@ class PretrainDataModule(L.LightningDataModule):
                     self._log_quality(loader)
                     break
         return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if not isinstance(batch, Batch) or batch.images.dtype != torch.uint8:
+            return batch
+        # Lightning casts a batch's floats to a "-true" precision (bf16-true...) before the transfer,
+        # when these views were still uint8: the same cast, now that they are float.
+        batch = batch.with_float_pixels()
+        return self.trainer.precision_plugin.convert_input(batch) if self.trainer is not None else batch
 
     def _log_quality(self, loader: ResumableLoader) -> None:
         """Bad-sample counts to the run's logger (MLflow) every ``trainer.log_every_n_steps``."""

@@ -18,8 +18,10 @@ lists what was converted, for the same counters.
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -133,21 +135,42 @@ def read_image(source: str | os.PathLike | bytes, *, name: str | None = None, ma
     Raises `UnreadableImage` (with ``kind``) for what cannot be read; ``name`` names bytes in
     messages; ``conversions`` (a list) receives the `CONVERSION_KINDS` applied.
     """
+    return read_image_reduced(source, None, name=name, max_pixels=max_pixels, conversions=conversions)[0]
+
+
+def read_image_reduced(source: str | os.PathLike | bytes, scale_for: Callable[[int, int], float] | None, *,
+                       name: str | None = None, max_pixels: int = MAX_PIXELS,
+                       conversions: list[str] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """`read_image`, but a JPEG may decode smaller: ``(image, (width, height) of the full image)``.
+
+    ``scale_for(width, height)`` (the upright full size) says how far the image may shrink, as a
+    factor <= 1; JPEG decodes at 1/2, 1/4 or 1/8 through DCT scaling (PIL ``draft``) when that
+    still leaves at least that factor, several times faster than the full decode. Other formats,
+    and ``scale_for=None``, decode at full size. The checks and bad-sample kinds are `read_image`'s.
+    """
     data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else None
     path = None if data is not None else Path(source)
     where = name or (str(path) if path is not None else "image bytes")
     done = conversions if conversions is not None else []
     opened = _open(data, path, where, max_pixels)
+    stored = opened.size
+    if scale_for is not None and opened.format == "JPEG":  # a JPEG's EXIF is in its header: no decode needed
+        upright = stored[::-1] if opened.getexif().get(0x0112, 1) in (5, 6, 7, 8) else stored
+        factor = min(float(scale_for(*upright)), 1.0)
+        if factor <= 0.5:  # DCT scaling halves at least; mode None keeps the decoder's colour handling
+            opened.draft(None, (math.ceil(stored[0] * factor), math.ceil(stored[1] * factor)))
     try:
         image = _decode(opened, where)
     except UnreadableImage:
         opened.close()  # a failed decode leaves PIL's file handle open
         raise
     orientation = image.getexif().get(0x0112, 1)  # the EXIF Orientation tag
+    if orientation in (5, 6, 7, 8):  # the four orientations that swap axes
+        stored = stored[::-1]
     if orientation not in (1, None):
         image = ImageOps.exif_transpose(image)
         done.append("exif_rotated")
-    return to_rgb(image, done)
+    return to_rgb(image, done), (int(stored[0]), int(stored[1]))
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -16,7 +16,7 @@ import polars as pl
 import torch
 
 from tipslab.datamodules.caption_fields import GRANULARITIES, CaptionMapping
-from tipslab.datamodules.image_io import MAX_PIXELS, UnreadableImage, read_image
+from tipslab.datamodules.image_io import MAX_PIXELS, UnreadableImage, read_image_reduced
 from tipslab.datamodules.sample import CorruptSample
 from tipslab.errors import TipslabError
 
@@ -48,6 +48,9 @@ class ManifestDataset(torch.utils.data.Dataset):
                  captions: CaptionMapping | None = None, max_pixels: int = MAX_PIXELS):
         self.path = Path(path)
         self.max_pixels = int(max_pixels)
+        # ``(width, height) -> factor``: how far a JPEG may decode smaller (set by the data module
+        # with ``data.decode_draft``, as for shards); None: full size.
+        self.decode_scale = None
         mapping = captions or CaptionMapping()
         frame = scan_manifest(self.path)
         try:
@@ -92,6 +95,9 @@ class ManifestDataset(torch.utils.data.Dataset):
         if not captions:
             raise EmptyCaptions(f"manifest {self.path} row {index} ({self.ids[index]}): every caption is empty")
         conversions: list[str] = []
-        image = read_image(path, name=f"manifest {self.path} row {index}: {path}", max_pixels=self.max_pixels,
-                           conversions=conversions)
-        return {"image": image, "captions": captions, "id": self.ids[index], "_conversions": conversions}
+        image, full = read_image_reduced(path, self.decode_scale, name=f"manifest {self.path} row {index}: {path}",
+                                         max_pixels=self.max_pixels, conversions=conversions)
+        sample = {"image": image, "captions": captions, "id": self.ids[index], "_conversions": conversions}
+        if image.size != full:  # decoded smaller: crops are drawn on the full size
+            sample["source_size"] = full
+        return sample

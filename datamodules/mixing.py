@@ -1,8 +1,8 @@
 """Several shard sources mixed by weight, with resampling (open_clip's ``--dataset-resampled``).
 
 ``data.sources`` lists ``{path, weight}``; each path is a folder of ``.tar`` files, a brace
-pattern (``a-{000..099}.tar``), one tar, a list, or a URL webdataset opens (``pipe:``,
-``http(s)://``...). Two modes:
+pattern (``a-{000..099}.tar``), one tar, a list, or a URL (``pipe:``, ``http(s)://``, or any
+fsspec URL such as ``s3://`` or ``memory://``; see shard_urls.py). Two modes:
 
 - ``data.resampled: false``: the sources' shards are read as one list, every sample once per
   pass, split over ranks and workers without duplicates (`shards.ShardDataset`). Weights other
@@ -21,8 +21,7 @@ import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-import webdataset as wds
-
+from tipslab.datamodules.shard_urls import tar_samples
 from tipslab.errors import TipslabError
 
 
@@ -70,7 +69,7 @@ def _resampled_shards(source: ShardSource, rng: random.Random, handler) -> Itera
     while True:
         url = source.urls[rng.randrange(len(source.urls))]
         got = 0
-        for sample in wds.tarfile_samples(iter([{"url": url}]), handler=handler):
+        for sample in tar_samples([url], handler=handler):
             got += 1
             yield sample
         empty_draws = empty_draws + 1 if got == 0 else 0

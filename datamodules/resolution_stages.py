@@ -44,3 +44,7 @@ class ResolutionStages:
 
     def for_batch(self, batch: int):
         return self.processors[bisect.bisect_right(self.starts, int(batch)) - 1]
+
+    def decode_scale(self, width: int, height: int) -> float:
+        """`SampleProcessor.decode_scale` of the largest stage: images decode before their batch's stage is known."""
+        return max(p.decode_scale(width, height) for p in self.processors)

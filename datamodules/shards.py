@@ -5,7 +5,8 @@ caption member: ``{key}.json`` (``{"id", "captions": {"alt", "short", "long"}, "
 layout `shard_writer` writes) and/or ``{key}.txt`` (img2dataset's layout); which fields feed which
 granularity is `caption_fields.CaptionMapping` (``data.captions``).
 
-Reading uses webdataset's tar iteration and grouping. Images go through the one reader
+Reading uses webdataset's tar iteration and grouping; shard lists and URLs (fsspec) are
+shard_urls.py's. Images go through the one reader
 (`image_io.read_image`: EXIF, 16-bit, alpha, bomb guard). A sample that cannot be used, or a tar
 that is truncated, is skipped, counted by kind in ``ShardDataset.counts`` and logged with its
 key; it never stops the stream.
@@ -21,18 +22,17 @@ import logging
 import random
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
-import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
 
 from tipslab.datamodules.caption_fields import CaptionMapping, CaptionProblem
-from tipslab.datamodules.image_io import IMAGE_EXTENSIONS, MAX_PIXELS, UnreadableImage, read_image
+from tipslab.datamodules.image_io import IMAGE_EXTENSIONS, MAX_PIXELS, UnreadableImage, read_image_reduced
 from tipslab.datamodules.mixing import ShardSource, check_unweighted, parse_sources, resampled_samples
 from tipslab.datamodules.sample_quality import SkipCounter
 from tipslab.datamodules.scene_captions import StoredSceneCaptions
+from tipslab.datamodules.shard_urls import resolve_shards, tar_samples
 from tipslab.datamodules.shard_writer import SHARD_PATTERN, write_scene_shards, write_shards  # noqa: F401 (re-exported)
 from tipslab.errors import TipslabError
 
@@ -43,32 +43,6 @@ IMAGE_MEMBERS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 
 
 # -- reading ----------------------------------------------------------------------------------
-
-
-def resolve_shards(urls_or_dir) -> list[str]:
-    """The shard list named by a folder, one tar, a brace pattern (``a-{000..009}.tar``) or a list."""
-    if isinstance(urls_or_dir, (list, tuple)):
-        urls = [str(u) for u in urls_or_dir]
-        if not urls:
-            raise TipslabError("shards: the shard list is empty; expected at least one .tar")
-    else:
-        spec = str(urls_or_dir)
-        path = Path(spec)
-        if "{" in spec:
-            urls = list(braceexpand.braceexpand(spec))
-        elif path.is_dir():
-            urls = sorted(str(p) for p in path.glob("*.tar"))
-            if not urls:
-                raise TipslabError(f"shards: no *.tar shards in {path}; expected files like {SHARD_PATTERN.format(0)}")
-            return urls
-        elif "://" in spec or path.is_file():
-            urls = [spec]
-        else:
-            raise TipslabError(f"shards: {spec} does not exist; expected a folder of .tar shards, a .tar or a pattern")
-    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
-    if missing:
-        raise TipslabError(f"shards: {len(missing)} shard(s) not found, first {missing[0]}")
-    return urls
 
 
 def derive_seed(*parts: int) -> int:
@@ -115,6 +89,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.epoch = int(epoch)
         self.captions = captions or CaptionMapping()
         self.max_pixels = int(max_pixels)
+        # ``(width, height) -> factor``: how far a JPEG may decode smaller (`SampleProcessor.decode_scale`,
+        # set by the data module with ``data.decode_draft``); None: full size.
+        self.decode_scale = None
         self.counts = SkipCounter()  # since the last `counts.take()` (a batch stream takes them per batch)
         self.skipped = 0  # in this process, ever
         self.skipped_samples: list[tuple[str, str]] = []  # (key or url, reason)
@@ -160,7 +137,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             # Fewer shards than slots: every slot reads every shard and keeps every num_slots-th
             # sample, so no slot is starved (at the cost of reading each shard num_slots times).
             mine, stride = urls, num_slots
-        raw = wds.tarfile_samples(iter([{"url": u} for u in mine]), handler=self._tar_error)
+        raw = tar_samples(mine, handler=self._tar_error)
         if stride > 1:
             raw = (s for j, s in enumerate(raw) if j % stride == slot)
         return self._shuffled(raw, slot, pass_index)
@@ -186,7 +163,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
             self._skip(where, str(err), err.kind)
             return None
         try:
-            image = read_image(raw[ext], name=f".{ext} member", max_pixels=self.max_pixels, conversions=conversions)
+            image, (width, height) = read_image_reduced(raw[ext], self.decode_scale, name=f".{ext} member",
+                                                        max_pixels=self.max_pixels, conversions=conversions)
         except UnreadableImage as err:
             self._skip(where, str(err), err.kind)
             return None
@@ -194,14 +172,16 @@ class ShardDataset(torch.utils.data.IterableDataset):
         meta = meta or {}
         sample = {"image": image, "captions": captions, "id": str(meta.get("id", key)), "key": key,
                   "objects": meta.get("objects"), "source": raw.get("__source__")}
+        if image.size != (width, height):  # decoded smaller: crops are drawn on the full size
+            sample["source_size"] = (width, height)
         if StoredSceneCaptions.usable(meta.get("objects")):  # scenes shards: captions follow the crop
-            sample["crop_captions"] = StoredSceneCaptions(meta["objects"], image.height, image.width)
+            sample["crop_captions"] = StoredSceneCaptions(meta["objects"], height, width)
         return sample
 
     def first_captions(self, count: int = 32, url: str | None = None) -> list[tuple[dict | None, str | None]]:
         """The caption members of the first ``count`` samples of a shard (default the first; start-up checks)."""
         out = []
-        for raw in wds.tarfile_samples(iter([{"url": url or self.urls[0]}]), handler=lambda exn: True):
+        for raw in tar_samples([url or self.urls[0]], handler=lambda exn: True):
             try:
                 meta, text, _ = self.captions.read_members(raw)
             except CaptionProblem:

@@ -79,6 +79,14 @@ class SampleProcessor:
         self.caption_scales = {g: check_scale(v, f"data.caption_crop_scale.{g}")
                                for g, v in dict(caption_crop_scale or {}).items() if v is not None}
 
+    def decode_scale(self, width: int, height: int) -> float:
+        """How far an image may shrink before decoding and still give every crop its full size
+        (`image_io.read_image_reduced`); 1.0 for views without crops."""
+        need = getattr(self.view, "min_decode_scale", None)
+        if need is None:
+            return 1.0
+        return need(height, width, tuple(self.caption_scales.values()))
+
     def for_batch(self, batch: int) -> SampleProcessor:
         """The processor of global batch ``batch`` (one for every batch; see `ResolutionStages`)."""
         return self
@@ -91,16 +99,19 @@ class SampleProcessor:
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
         # Decoded to a tensor once, however many crops are cut from it.
         pixels = to_tensor(sample["image"])
+        size = sample.get("source_size")  # (width, height) of the full image when it was decoded smaller
         sample_id = str(sample["id"])
         captions = sample["captions"]
         crop = self.view.crop if hasattr(self.view, "crop") else None
         captions_the_crop = self.crop_captions and sample.get("crop_captions") is not None
         if crop is not None and self.caption_scales and not captions_the_crop:
             alt, granularity, caption = self._texts(captions, rng, sample_id)
-            image, flipped, *box = crop(pixels, rng, scale=self.caption_scales.get(granularity))
+            image, flipped, *box = crop(pixels, rng, scale=self.caption_scales.get(granularity), to_float=False,
+                                        source_size=size)
         else:
             # A view with `crop` also says which box of the source it shows.
-            image, flipped, *box = (crop or self.view)(pixels, rng)
+            image, flipped, *box = (crop(pixels, rng, to_float=False, source_size=size) if crop is not None
+                                    else self.view(pixels, rng))
             if captions_the_crop and box:
                 captions = sample["crop_captions"](box[0], rng)
             alt, granularity, caption = self._texts(captions, rng, sample_id)
@@ -111,7 +122,7 @@ class SampleProcessor:
             item["box"] = box[0]  # (top, left, height, width) of the first global crop in the source
         rest = getattr(self.view, "rest", None)
         if rest is not None:
-            more, local = rest(pixels, rng)
+            more, local = rest(pixels, rng, to_float=False, source_size=size)
             item["globals"] = [image, *more]
             item["locals"] = local
         if self.masker is not None:
@@ -140,6 +151,7 @@ class MapBatchStream(torch.utils.data.IterableDataset):
                                f"{self.world_size} rank(s); use more samples or a smaller data.batch_size")
         self.epoch, self.start_batch = 0, 0
         self.stream_token: str | None = None
+        self.float_pixels = True  # False: uint8 views, made float on the device (see PretrainDataModule)
         self.skipped = 0
         self.counts = SkipCounter()  # since the last batch made; handed to it (`Batch.data_counts`)
 
@@ -181,7 +193,7 @@ class MapBatchStream(torch.utils.data.IterableDataset):
         for index in order[global_batch * self.batch_size:(global_batch + 1) * self.batch_size]:
             index, sample = self._load(int(index))
             items.append(process(sample, sample_rng(self.seed, epoch, index)))
-        out = collate(items, self.tokenizer)
+        out = collate(items, self.tokenizer, self.float_pixels)
         out.stream_token = self.stream_token
         out.data_counts = self.counts.take()
         return out
@@ -206,6 +218,7 @@ class ShardBatchStream(torch.utils.data.IterableDataset):
         self.workers = max(int(num_workers), 1)
         self.epoch, self.start_batch = 0, 0
         self.stream_token: str | None = None
+        self.float_pixels = True  # False: uint8 views, made float on the device (see PretrainDataModule)
 
     def set_position(self, epoch: int, start_batch: int) -> None:
         self.epoch, self.start_batch = 0, int(start_batch)  # endless: the position is the batch count
@@ -245,7 +258,7 @@ class ShardBatchStream(torch.utils.data.IterableDataset):
                 continue  # already consumed before the resume: decoded, not transformed
             process = self.processor.for_batch(virtual + local * workers)  # this batch's number on the rank
             items = [process(s, sample_rng(self.seed, s["_pass"], key_number(s["key"]))) for s in samples]
-            out = collate(items, self.tokenizer)
+            out = collate(items, self.tokenizer, self.float_pixels)
             out.stream_token = self.stream_token
             # Counts since the last batch this worker yielded (resumed-over batches' included).
             out.data_counts = self.shards.counts.take()

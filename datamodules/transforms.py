@@ -65,7 +65,8 @@ def crop_params(height: int, width: int, rng: np.random.Generator, scale=(0.32, 
 def to_tensor(image) -> torch.Tensor:
     """PIL / uint8 / float image as a tensor torchvision can crop (uint8 stays uint8 until resized)."""
     if isinstance(image, Image.Image):
-        return F.pil_to_tensor(image.convert("RGB"))
+        # convert() copies even when the mode is already RGB: skip it then.
+        return F.pil_to_tensor(image if image.mode == "RGB" else image.convert("RGB"))
     if isinstance(image, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     if isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3:
@@ -73,7 +74,8 @@ def to_tensor(image) -> torch.Tensor:
     raise TipslabError(f"image of type {type(image).__name__}; expected PIL, uint8 [H,W,3] or float [3,H,W]")
 
 
-def _as_float(image: torch.Tensor) -> torch.Tensor:
+def as_float(image: torch.Tensor) -> torch.Tensor:
+    """Pixels as float in [0, 1]: uint8 scaled by 1/255 (a batch at once in `collate`), float clamped."""
     if image.dtype == torch.uint8:
         return image.float().div_(255.0)
     return image.float().clamp_(0.0, 1.0)  # antialiased resizing can overshoot a little
@@ -98,8 +100,30 @@ def check_scale(scale, what: str = "crop scale") -> tuple[float, float]:
     return low, high
 
 
+def smallest_crop_side(height: int, width: int, scale, ratio) -> float:
+    """A lower bound on the shorter side of any `crop_params` box of an ``height x width`` image."""
+    area_bound = math.sqrt(height * width * scale[0] * min(ratio[0], 1 / ratio[1])) - 1  # -1: rounding
+    return max(min(area_bound, height, width), 1.0)  # the fallback crop is at least the short side
+
+
+def box_in(pixels: torch.Tensor, box: tuple[int, int, int, int], source_size) -> tuple[int, int, int, int]:
+    """``box`` (pixels of the full image, ``source_size = (width, height)``) in the pixels of
+    ``pixels``, which may be the image decoded smaller (`image_io.read_image_reduced`)."""
+    height, width = pixels.shape[-2:]
+    if source_size is None or tuple(source_size) == (width, height):
+        return box
+    fy, fx = height / source_size[1], width / source_size[0]
+    top, left = min(int(round(box[0] * fy)), height - 1), min(int(round(box[1] * fx)), width - 1)
+    return (top, left, max(min(int(round(box[2] * fy)), height - top), 1),
+            max(min(int(round(box[3] * fx)), width - left), 1))
+
+
 class GlobalCrop:
-    """``crop(image, rng) -> (float [3, S, S], flipped)``: random resized crop, optional flip."""
+    """``crop(image, rng) -> (float [3, S, S], flipped, box)``: random resized crop, optional flip.
+
+    ``to_float=False`` keeps a uint8 source's crop in uint8 (the loader's path: resizing uint8 is
+    faster and `collate` converts the whole batch to float at once, bit-identical to per crop).
+    """
 
     def __init__(self, image_size: int, scale=(0.32, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = False):
         self.image_size = check_image_size(image_size)
@@ -109,16 +133,31 @@ class GlobalCrop:
         view, flipped, _ = self.crop(image, rng)
         return view, flipped
 
-    def crop(self, image, rng: np.random.Generator, scale=None) -> tuple[torch.Tensor, bool, tuple[int, int, int, int]]:
+    def crop(self, image, rng: np.random.Generator, scale=None, to_float: bool = True,
+             source_size=None) -> tuple[torch.Tensor, bool, tuple[int, int, int, int]]:
         """``(view, flipped, box)``, ``box = (top, left, height, width)`` in source pixels; ``scale``
-        overrides the crop's area range for this one draw."""
+        overrides the crop's area range for this one draw. ``source_size = (width, height)`` of the
+        full image when ``image`` was decoded smaller: the box is drawn on the full image (same
+        draws, same captions) and cut from the smaller one."""
         pixels = to_tensor(image)
-        top, left, h, w = crop_params(pixels.shape[-2], pixels.shape[-1], rng, scale or self.scale, self.ratio)
-        out = F.resized_crop(pixels, top, left, h, w, [self.image_size, self.image_size], antialias=True)
+        full_h, full_w = (source_size[1], source_size[0]) if source_size is not None else pixels.shape[-2:]
+        box = crop_params(full_h, full_w, rng, scale or self.scale, self.ratio)
+        top, left, h, w = box_in(pixels, box, source_size)
+        # torchvision's resize kernel on the box's view: `resized_crop` without its per-call dispatch
+        # (ten crops a sample make that overhead show; same pixels).
+        out = F.resize_image(pixels[..., top:top + h, left:left + w], [self.image_size, self.image_size],
+                             antialias=True)
         flipped = self.flip and bool(rng.random() < 0.5)
         if flipped:
             out = F.horizontal_flip(out)
-        return _as_float(out), flipped, (top, left, h, w)
+        return (as_float(out) if to_float else out), flipped, box
+
+    def min_decode_scale(self, height: int, width: int, first_scales=()) -> float:
+        """The factor an ``height x width`` image may shrink by before decoding with every crop
+        this draws still at least ``image_size`` pixels on each side (no upsampling); ``first_scales``:
+        other area ranges a crop may be drawn with (``data.caption_crop_scale``)."""
+        return max(self.image_size / smallest_crop_side(height, width, s or self.scale, self.ratio)
+                   for s in (None, *first_scales))
 
 
 class Resize:
@@ -154,13 +193,24 @@ class MultiCropViews:
         self.local = (GlobalCrop(check_image_size(local_size, "data.local_crops.size"), scale=local_scale, flip=flip)
                       if self.local_count else None)
 
-    def crop(self, image, rng: np.random.Generator, scale=None):
-        return self.first.crop(image, rng, scale)
+    def crop(self, image, rng: np.random.Generator, scale=None, to_float: bool = True, source_size=None):
+        return self.first.crop(image, rng, scale, to_float, source_size)
 
     __call__ = crop
 
-    def rest(self, image, rng: np.random.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def rest(self, image, rng: np.random.Generator, to_float: bool = True,
+             source_size=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The other global crops and the local crops (drawn after the captions, see streams.py)."""
-        more = [self.first(image, rng)[0] for _ in range(self.count - 1)]
-        local = [self.local(image, rng)[0] for _ in range(self.local_count)]
+        more = [self.first.crop(image, rng, to_float=to_float, source_size=source_size)[0]
+                for _ in range(self.count - 1)]
+        local = [self.local.crop(image, rng, to_float=to_float, source_size=source_size)[0]
+                 for _ in range(self.local_count)]
         return more, local
+
+    def min_decode_scale(self, height: int, width: int, first_scales=()) -> float:
+        """`GlobalCrop.min_decode_scale` over every crop; ``first_scales``: other area ranges the
+        first global crop may be drawn with (``data.caption_crop_scale``)."""
+        needs = [self.first.min_decode_scale(height, width, first_scales)]
+        if self.local is not None:
+            needs.append(self.local.min_decode_scale(height, width))
+        return max(needs)

@@ -51,7 +51,15 @@ def save_checkpoint(encoder, model_cfg, directory) -> Path:
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "kind": "tipslab-encoder"})
-        (tmp / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create(_plain_config(model_cfg))))
+        config = _plain_config(model_cfg)
+        vision = getattr(encoder, "vision", None)
+        recorded = config.get("vision")
+        if isinstance(recorded, dict) and hasattr(vision, "pos_grid"):
+            # A resolution stage switch moved the tower (224 -> 448, grid 16 -> 32): record where it is now.
+            size = int(recorded.get("img_size", vision.img_size))
+            if (size, int(recorded.get("pos_grid") or size // vision.patch_size)) != (vision.img_size, vision.pos_grid):
+                recorded.update(img_size=int(vision.img_size), pos_grid=int(vision.pos_grid))
+        (tmp / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
         replace_dir_atomically(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

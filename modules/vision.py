@@ -90,6 +90,15 @@ def timm_vit_kwargs(size: str, img_size: int, drop_path_rate: float = 0.0, regis
     return kwargs
 
 
+def resample_positions(table: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """A patch position table `[1, h*w, D]` resized from ``old_grid`` to ``new_grid``: bilinear +
+    antialias by output size (official TIPS: interpolate_offset=0), not timm's default bicubic."""
+    from timm.layers import resample_abs_pos_embed
+
+    return resample_abs_pos_embed(table, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=0,
+                                  interpolation="bilinear", antialias=True)
+
+
 class VisionTower(nn.Module):
     """TIPSv2 image encoder. Input `[B, 3, H, W]` in [0, 1] (no mean/std), H, W multiples of 14.
 
@@ -146,18 +155,30 @@ class VisionTower(nn.Module):
             raise TipslabError(f"image size {h}x{w} is not a multiple of the patch size {PATCH_SIZE}")
 
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
-        """Patch position embeddings `[1, h*w, D]` for a patch grid, resized as the official code."""
-        from timm.layers import resample_abs_pos_embed
+        """Patch position embeddings `[1, h*w, D]` for a patch grid, resized as the official code
+        (the stored table itself when the grid is the stored one)."""
+        return resample_positions(self.vit.pos_embed, tuple(self.vit.patch_embed.grid_size), grid)
 
-        # Bilinear + antialias, by output size (official: interpolate_offset=0), not timm's bicubic.
-        return resample_abs_pos_embed(
-            self.vit.pos_embed,
-            new_size=list(grid),
-            old_size=list(self.vit.patch_embed.grid_size),
-            num_prefix_tokens=0,
-            interpolation="bilinear",
-            antialias=True,
-        )
+    @torch.no_grad()
+    def set_pos_grid(self, grid: int, optimizers=()) -> None:
+        """Store the position table at a ``grid x grid`` grid from now on (a resolution stage switch,
+        224 -> 448): resized once, exactly as the forward would resize it every step, so outputs
+        at the new size do not change. The Parameter object stays (its data is replaced), so an
+        optimizer built before keeps it; its state of that one parameter (Adam's moments: anything
+        shaped like the old table) is resized by the same linear map (`exp_avg_sq` stays >= 0: the
+        antialiased bilinear weights are >= 0). Not under FSDP2 (a sharded DTensor; see callers)."""
+        param, old = self.vit.pos_embed, tuple(self.vit.patch_embed.grid_size)
+        new = (int(grid), int(grid))
+        if new == old:
+            return
+        for optimizer in optimizers:
+            state = optimizer.state.get(param, {})
+            for key, value in list(state.items()):
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    state[key] = resample_positions(value, old, new)
+        param.data = resample_positions(param.data, old, new)
+        self.vit.patch_embed.set_input_size(img_size=new[0] * PATCH_SIZE)  # timm's own grid bookkeeping
+        self.pos_grid, self.img_size = new[0], new[0] * PATCH_SIZE
 
     def tokens(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
         """`[CLS1, CLS2, patches]` with positions added: the input of the first block."""

@@ -33,6 +33,7 @@ def export_checkpoint(source: str | Path, out: str | Path) -> tuple[Path, Path]:
 
     from tipslab.modules.checkpoint import save_checkpoint
     from tipslab.modules.encoder import build_encoder
+    from tipslab.platform.resolution_switch import saved_grid
     from tipslab.platform.runs import checkpoint_problem, newest_readable_checkpoint
 
     source = Path(source).expanduser()
@@ -52,6 +53,9 @@ def export_checkpoint(source: str | Path, out: str | Path) -> tuple[Path, Path]:
     state = _load_lightning_state(checkpoint)
     encoder_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     encoder = build_encoder(model_cfg)
+    grid = saved_grid(encoder_state)  # a run past a resolution stage switch saved the table at its new grid
+    if grid is not None:
+        encoder.vision.set_pos_grid(grid)
     missing, unexpected = encoder.load_state_dict(encoder_state, strict=False)
     if missing or unexpected:
         raise TipslabError(f"{checkpoint} does not hold the encoder of {config}: missing {missing[:3]}, "

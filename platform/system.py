@@ -35,6 +35,7 @@ from tipslab.modules.encoder import build_encoder
 from tipslab.modules.features import FeatureKey, Features, LossOutput
 from tipslab.platform.ema import cosine_momentum, ema_update_
 from tipslab.platform.grad_clip import clip_grad_norm_
+from tipslab.platform.resolution_switch import follow_resolution_stage, match_checkpoint
 
 _NO_DECAY_NAMES = frozenset({"cls_token", "reg_token", "mask_token", "pos_embed", "logit_scale"})
 EMA_MODES = ("head", "full")
@@ -178,6 +179,13 @@ class PretrainingSystem(L.LightningModule):
         self.log_dict(logs, batch_size=batch_size, prog_bar=False)
         self.log("loss", total.detach(), batch_size=batch_size, prog_bar=True, logger=False)
         return total
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # data.resolution_stages: the stored position table moves to the new grid once (resolution_switch.py).
+        follow_resolution_stage(self, batch.images, self.trainer.optimizers)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        match_checkpoint(self, checkpoint)  # a checkpoint from after a stage switch holds the new grid
 
     def on_fit_start(self) -> None:
         if self.distill_teacher is not None:
