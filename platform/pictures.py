@@ -48,16 +48,20 @@ def batch_preview(images: torch.Tensor, captions: list[str], path: str | Path, l
 
 @torch.no_grad()
 def patch_text_heatmaps(encoder, tokenizer, images: torch.Tensor, labels: list[list[str]]) -> list[list[np.ndarray]]:
-    """Cosine similarity of each image's dense patch features with each of its labels, upsampled
-    to the image size: [image][label] -> HxW array."""
+    """Each image's dense patch features scored against each of its labels as search scores them
+    (cosine to the label minus mean cosine to the background prompts: raw cosines light up the
+    background for every name), upsampled to the image size: [image][label] -> HxW array."""
+    from tipslab.retrieval.search import NULL_PROMPTS
+
     was_training = encoder.training
     encoder.eval()
     out = encoder.encode_image(images, dense=True)
     patches = F.normalize(out.patches, dim=-1)
     h, w = out.grid
+    nulls = F.normalize(encoder.encode_text(tokenizer(list(NULL_PROMPTS)).to(images.device)), dim=-1).mean(dim=0)
     maps = []
     for i, names in enumerate(labels):
-        text = F.normalize(encoder.encode_text(tokenizer(names).to(images.device)), dim=-1)
+        text = F.normalize(encoder.encode_text(tokenizer(names).to(images.device)), dim=-1) - nulls
         sims = (patches[i] @ text.T).T.reshape(len(names), 1, h, w)
         sims = F.interpolate(sims, size=images.shape[-2:], mode="bilinear", align_corners=False)
         maps.append([m[0].cpu().numpy() for m in sims])
