@@ -1,12 +1,13 @@
 """Cheaper IVF builds (retrieval/ivf_build.py): two-level k-means gives lists as good as FAISS's own
-(also behind a pre-transform such as OPQ), and adding through an HNSW quantizer assigns every vector to its exactly nearest list."""
+(also behind a pre-transform such as OPQ), and adding through an HNSW quantizer assigns every
+vector to its exactly nearest list."""
 
 import faiss
 import numpy as np
 import pytest
 
-from tipslab.retrieval.faiss_backend import hnsw_quantizer, ivf_of, set_nprobe
 from tipslab.retrieval import ivf_build
+from tipslab.retrieval.faiss_backend import hnsw_quantizer, ivf_of, set_nprobe
 from tipslab.retrieval.ivf_build import flat_assignment, train_two_level
 
 DIM = 16
