@@ -31,6 +31,7 @@ queries nprobe is tuned on, so the measured recall is an honest check of the tun
 
     nice -n 19 python bench/bench_search.py --sizes 1000000 2000000        # 1M and 2M x 768, real vectors mixed in
     nice -n 19 python bench/bench_search.py --sizes 1000000 --legacy-build # the build before ivf_build.py
+    nice -n 19 python bench/bench_search.py --sizes 1000000 10000000 --tmp /big/disk  # ~16 GB of float16 parts
     python bench/bench_search.py --sizes 20000 --dim 64 --queries 50 --real 50   # smoke run
 """
 
@@ -162,6 +163,17 @@ def latencies(search, queries: np.ndarray) -> tuple[np.ndarray, float, float]:
     return np.concatenate(ids), float(np.percentile(times, 50)), float(np.percentile(times, 95))
 
 
+def index_bytes(index, folder: Path) -> int:
+    """The index's serialised size, through a file: `faiss.serialize_index` would hold a second copy in RAM."""
+    import faiss
+
+    path = Path(folder) / "baseline.faiss"
+    faiss.write_index(index, str(path))
+    size = path.stat().st_size
+    path.unlink()
+    return size
+
+
 def baselines(store, n: int, dim: int, nlist: int, sets, args, rng, centroids=None) -> list[tuple]:
     """Plain FAISS on the same vectors: Flat up to --flat-max, and IVF-SQ8 with the auto index's list
     count (and its coarse centroids when given: k-means is not what is compared), nprobe tuned alike."""
@@ -197,7 +209,7 @@ def baselines(store, n: int, dim: int, nlist: int, sets, args, rng, centroids=No
         build = time.perf_counter() - t0
         search = lambda q, index=index: index.search(q, args.k)[1]  # noqa: E731
         _, p50, p95 = latencies(search, sets[1][0])
-        size = faiss.serialize_index(index).size / n
+        size = index_bytes(index, args.tmp_dir) / n
         if "IVF" in factory and centroids is not None:
             note += ", the auto index's lists"
         rows.append((f"faiss {factory}", note, build, size, p50, p95, *recalls(search, sets, store)))
@@ -231,7 +243,7 @@ def run_size(n: int, args, root: Path, real=None) -> list[tuple]:
     _, p50, p95 = latencies(search, sets[1][0])
     import faiss
 
-    size = faiss.serialize_index(index.index).size / n_vec
+    size = (index.path / "index.faiss").stat().st_size / n_vec
     tuned = index.manifest["tuning"] or {}
     phases = " ".join(f"{k.split('_')[0]} {v:.0f}" for k, v in index.manifest["build_seconds"].items())
     note = (f"{index.manifest['factory']} {index.manifest['search_params']} rerank={index.manifest['rerank']}; "
@@ -304,6 +316,7 @@ def main() -> None:
         for n in args.sizes:
             print(HEADER)
             print("-" * len(HEADER), flush=True)
+            args.tmp_dir = Path(tmp)
             rows = run_size(n, args, Path(tmp), real)
             results[n] = rows
             for row in rows[1:]:
