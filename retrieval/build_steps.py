@@ -16,8 +16,16 @@ import numpy as np
 from tipslab.errors import TipslabError
 from tipslab.retrieval.durable import fsync_path, swap_dirs
 from tipslab.retrieval.extract import ImageSource, PatchRecord
-from tipslab.retrieval.faiss_backend import QUANTIZER_EF_ADD, cluster_on_gpu, ivf_of, min_train_points, set_quantizer_ef
+from tipslab.retrieval.faiss_backend import (
+    QUANTIZER_EF_ADD,
+    cluster_on_gpu,
+    gpu_available,
+    ivf_of,
+    min_train_points,
+    set_quantizer_ef,
+)
 from tipslab.retrieval.index_layout import IMAGES_DIR, MANIFEST
+from tipslab.retrieval.ivf_build import flat_assignment, train_two_level
 from tipslab.retrieval.vector_store import ADD_CHUNK, PartWriter, VectorStore
 
 
@@ -174,8 +182,10 @@ def train_index(index, store: VectorStore, factory: str, train_size: int | None,
     cluster_on_gpu(index)
     if progress:
         print(f"training {factory} on {min(count, total)} of {total} vectors")
+    sample = store.sample(count, np.random.default_rng(seed))
     try:
-        index.train(store.sample(count, np.random.default_rng(seed)))
+        if not (ivf is not None and not gpu_available() and train_two_level(index, sample, seed)):
+            index.train(sample)
     except RuntimeError as err:
         raise TipslabError(f"--factory {factory!r}: FAISS training failed ({str(err).strip().splitlines()[-1]})") from None
 
@@ -186,7 +196,8 @@ def add_to_index(index, store: VectorStore, parts: Iterable[int], progress: bool
     parts = list(parts)
     total = sum(store.parts[i]["rows"] for i in parts)
     set_quantizer_ef(index, QUANTIZER_EF_ADD)  # assign each vector to its nearest list, not a near one
-    with tqdm(total=total, desc="faiss add", unit="vec", disable=not progress or total < 4 * ADD_CHUNK) as bar:
+    with (tqdm(total=total, desc="faiss add", unit="vec", disable=not progress or total < 4 * ADD_CHUNK) as bar,
+          flat_assignment(index)):
         for chunk in store.iter_chunks(parts=parts):
             index.add(chunk)
             bar.update(len(chunk))

@@ -63,6 +63,9 @@ def add_index_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=_positive_int, default=None,
                         help="resize images to this square size (multiple of 14; default the model's img_size)")
     parser.add_argument("--device", default=None, help="torch device (default cuda when present, else cpu)")
+    parser.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                        help="extract with N processes (rank r takes images r, r+N, ...; one GPU each when present), "
+                             "merged into one index; under torchrun the world size sets this (default 1)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     mode.add_argument("--add", action="store_true",
@@ -109,10 +112,26 @@ def run_delete(args) -> int:
 
 def run_index(args) -> int:
     from tipslab.retrieval.index_dir import IndexDirectory, build_index
+    from tipslab.retrieval.sharded_build import build_index_sharded, build_index_torchrun, torchrun_rank
 
     start = time.perf_counter()
     progress = not args.quiet
-    if args.add:
+    distributed = torchrun_rank()
+    if (args.workers > 1 or distributed) and args.add:
+        raise TipslabError("--add: runs in one process; drop --workers (or torchrun) to add images to an index")
+    if distributed and args.workers > 1:
+        raise TipslabError(f"--workers {args.workers}: under torchrun each process is one worker; drop --workers")
+    build = {"factory": args.factory, "feature": args.feature, "batch_size": args.batch_size,
+             "overwrite": args.overwrite, "image_size": args.image_size, "scenes_count": args.scenes_val,
+             "device": args.device, "progress": progress, "bytes_per_vector": args.bytes_per_vector,
+             "recall_target": args.recall_target, "pool": args.pool}
+    if distributed:
+        index = build_index_torchrun(args.model_path, args.source, args.out, **build)
+        if index is None:  # rank 0 merges and reports
+            return 0
+    elif args.workers > 1:
+        index = build_index_sharded(args.model_path, args.source, args.out, args.workers, **build)
+    elif args.add:
         if not Path(args.out).exists():
             raise TipslabError(f"--out {args.out}: no index there to --add to; build one first (without --add)")
         index = IndexDirectory.open(args.out)
@@ -127,11 +146,7 @@ def run_index(args) -> int:
         print(f"added {counts['added']} image(s) to {index.path} ({counts['already_indexed']} already indexed, "
               f"{counts['skipped']} unreadable skipped)")
     else:
-        index = build_index(args.model_path, args.source, args.out, factory=args.factory, feature=args.feature,
-                            batch_size=args.batch_size, overwrite=args.overwrite, image_size=args.image_size,
-                            scenes_count=args.scenes_val, device=args.device, progress=progress,
-                            bytes_per_vector=args.bytes_per_vector,
-                            recall_target=args.recall_target, pool=args.pool)
+        index = build_index(args.model_path, args.source, args.out, **build)
     counts = index.manifest["counts"]
     print(f"index {index.path}: {counts['images']} images, {counts['vectors']} patch vectors of dim {index.dim} "
           f"({index.manifest['factory']}, {index.feature} features), {counts['skipped']} skipped "

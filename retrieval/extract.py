@@ -36,6 +36,7 @@ class SourceImage:
     path: str | None  # the image file to show in overlays; None for generated images
     size: tuple[int, int]  # original (width, height)
     pixels: torch.Tensor  # [3, S, S] float32 in [0, 1]
+    position: int | None = None  # the image's place in the whole source (sharded extraction merges by it)
 
 
 @dataclass
@@ -61,6 +62,8 @@ class ImageSource:
     skipped: list[dict] = field(default_factory=list)
     # How the pixels were made (`Preprocessing.describe()`), for the index manifest.
     preprocessing: dict | None = None
+    # sha256 of the keys this source lists (a shard's, when sharded): a finished shard is reused only if equal.
+    listing: str | None = None
 
     def __iter__(self) -> Iterator[SourceImage]:
         return iter(self.images)
@@ -69,15 +72,27 @@ class ImageSource:
         return self.count or 0
 
 
-def _folder_source(folder: Path, image_size: int) -> ImageSource:
+def _listing(keys: Iterable[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
+def _folder_source(folder: Path, image_size: int, shard: tuple[int, int]) -> ImageSource:
     from tipslab.datamodules.image_folder import ImageFolder
     from tipslab.datamodules.image_io import image_size as upright_size
 
     dataset = ImageFolder(str(folder), image_size)
-    source = ImageSource(spec=str(folder), images=(), count=len(dataset) if hasattr(dataset, "__len__") else None)
+    rank, world = shard
+    positions = range(rank, len(dataset.paths), world)
+    dataset.paths = dataset.paths[rank::world]  # this process's share, listed before anything is decoded
+    source = ImageSource(spec=str(folder), images=(), count=len(dataset),
+                         listing=_listing(os.path.abspath(str(p)) for p in dataset.paths))
+    where = dict(zip(map(str, dataset.paths), positions))
 
     def generate():
         for path, pixels in dataset:
+            position = where[str(path)]
             path = os.path.abspath(str(path))
             try:
                 # The header only, EXIF rotation applied: the upright size maps patch boxes back.
@@ -85,7 +100,7 @@ def _folder_source(folder: Path, image_size: int) -> ImageSource:
             except OSError as err:  # readable a moment ago; treat as unreadable now
                 source.skipped.append({"path": path, "reason": f"cannot read image size: {err}"})
                 continue
-            yield SourceImage(key=path, path=path, size=(int(size[0]), int(size[1])), pixels=pixels)
+            yield SourceImage(key=path, path=path, size=(int(size[0]), int(size[1])), pixels=pixels, position=position)
         errors = getattr(dataset, "errors", {})
         source.skipped.extend({"path": os.path.abspath(p), "reason": errors.get(p, "unreadable")}
                               for p in getattr(dataset, "skipped", []))
@@ -94,19 +109,22 @@ def _folder_source(folder: Path, image_size: int) -> ImageSource:
     return source
 
 
-def _scenes_source(spec: str, split: str, count: int, image_size: int, seed: int | None) -> ImageSource:
+def _scenes_source(spec: str, split: str, count: int, image_size: int, seed: int | None,
+                   shard: tuple[int, int]) -> ImageSource:
     from tipslab.datamodules.scenes import ScenesDataset
 
     kwargs = {} if seed is None else {"seed": seed}
     dataset = ScenesDataset(split=split, num_images=count, image_size=image_size, **kwargs)
+    mine = range(shard[0], len(dataset), shard[1])
+    keys = [f"scenes:{split}/{i:06d}" for i in mine]
 
     def generate():
-        for i in range(len(dataset)):
+        for i, key in zip(mine, keys):
             pixels = _scene_pixels(dataset[i])
-            yield SourceImage(key=f"scenes:{split}/{i:06d}", path=None,
-                              size=(int(pixels.shape[-1]), int(pixels.shape[-2])), pixels=pixels)
+            yield SourceImage(key=key, path=None, size=(int(pixels.shape[-1]), int(pixels.shape[-2])), pixels=pixels,
+                              position=i)
 
-    return ImageSource(spec=spec, images=generate(), count=len(dataset))
+    return ImageSource(spec=spec, images=generate(), count=len(mine), listing=_listing(keys))
 
 
 def _scene_pixels(sample) -> torch.Tensor:
@@ -144,18 +162,24 @@ def check_source(spec: str | os.PathLike) -> tuple[str, str, int | None]:
 
 
 def open_source(spec: str | os.PathLike, image_size: int, *, scenes_count: int | None = None,
-                scenes_seed: int | None = None) -> ImageSource:
+                scenes_seed: int | None = None, shard: tuple[int, int] = (0, 1)) -> ImageSource:
     """The image source named by ``spec``: a folder of images, or ``scenes:val[:N]``.
 
     ``scenes_count`` applies to a bare ``scenes:val`` (default 64); ``scenes:val:N`` wins.
+    ``shard=(rank, world)`` keeps images rank, rank + world, ... of the whole source (each
+    `SourceImage.position` is its place in the whole source).
     """
     from tipslab.datamodules.preprocess import Preprocessing
 
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise TipslabError(f"shard: expected 0 <= rank < world size, got rank {rank} of {world}")
     kind, where, count = check_source(spec)
     if kind == "scenes":
-        source = _scenes_source(str(spec), where, count or scenes_count or DEFAULT_SCENES_COUNT, image_size, scenes_seed)
+        source = _scenes_source(str(spec), where, count or scenes_count or DEFAULT_SCENES_COUNT, image_size, scenes_seed,
+                                shard)
     else:
-        source = _folder_source(Path(where), image_size)
+        source = _folder_source(Path(where), image_size, shard)
     source.preprocessing = Preprocessing(image_size).describe()
     return source
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -127,8 +128,10 @@ def write_index(records: Iterable[PatchRecord], out_dir, *, factory: str = "Flat
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     chmod_like_mkdir(tmp)
     try:
+        clock = time.perf_counter()
         writer = PartWriter(tmp / VECTORS_DIR, first_part=0)
         rows, dim = ingest(pool_records(records, pool), tmp, writer, 0, 0, None)
+        seconds = {"extract_and_store": time.perf_counter() - clock}
         skipped = list(source.skipped) if source is not None else []
         if source is not None:
             report_skipped(source, progress)
@@ -143,13 +146,18 @@ def write_index(records: Iterable[PatchRecord], out_dir, *, factory: str = "Flat
         index = new_faiss_index(chosen, dim)
         if choice and choice.nlist and train_size is None:
             train_size = TRAIN_PER_LIST * choice.nlist
+        clock = time.perf_counter()
         train_index(index, store, chosen, train_size, seed, progress)
+        seconds["train"] = time.perf_counter() - clock
         add_to_index(index, store, range(len(writer.parts)), progress)
+        seconds["add"] = time.perf_counter() - clock - seconds["train"]
+        clock = time.perf_counter()
         rerank = 0 if exact_codes(index) else RERANK[0]
         search_params, tuning = default_search_params(index), None
         if factory == AUTO and ivf_of(index) is not None:
             tuning = _tune(index, store, (0,) if rerank == 0 else RERANK, recall_target, seed, progress)
             search_params, rerank = search_params_for(index, tuning["nprobe"]), tuning["rerank"]
+        seconds["tune"] = time.perf_counter() - clock
 
         images = images_frame(rows)
         write_parquet(tmp / IMAGES_FILE, images)
@@ -185,6 +193,8 @@ def write_index(records: Iterable[PatchRecord], out_dir, *, factory: str = "Flat
             "files": files,
             "vectors": {"dtype": "float16", "parts": parts},
             "sources": [{"spec": spec, "added": created, "images": len(rows), "skipped": len(skipped)}],
+            # where the build's time went (records in and float16 parts written, FAISS training, adding, tuning)
+            "build_seconds": {key: round(value, 2) for key, value in seconds.items()},
         }
         if bundle_model_from is not None:
             manifest["model"] = {**manifest["model"], "bundled": bundle_model(bundle_model_from, tmp)}
