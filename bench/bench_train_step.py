@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from tipslab.modules.vision import VISION_SIZES  # noqa: E402
 from tipslab.platform.config import load_config  # noqa: E402
 from tipslab.platform.ema import ema_update_  # noqa: E402
 from tipslab.platform.parallelize import parallelize_system  # noqa: E402
@@ -42,6 +43,11 @@ from tipslab.platform.system import PretrainingSystem  # noqa: E402
 
 RECIPES = {
     "contrastive only": ("ablate_contrastive", []),
+    "contrastive + hard negatives": ("ablate_contrastive", [
+        "components.contrastive.hard_negative_weight=1.0",
+        "data.hard_negatives.words=[[circle,square,triangle,star,cross,ring,diamond]]"]),
+    "contrastive + dense term": ("ablate_contrastive", ["components.contrastive.dense_weight=1.0",
+                                                        "components.contrastive.dense_pool=mean"]),
     "full recipe, head EMA": ("ablate_head_ema", []),
     "full recipe, full EMA": ("ablate_full_ema", []),
     "full, head EMA + act. ckpt": ("ablate_head_ema", ["trainer.activation_checkpointing=full"]),
@@ -210,7 +216,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--size", default="tiny")
+    parser.add_argument("--size", default="tiny", choices=list(VISION_SIZES), help="tower size")
     parser.add_argument("--img", type=int, default=112)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also the compiled rows on CPU (slow to compile)")

@@ -28,6 +28,11 @@ class Batch:
     captions: list[str] | None = None  # CLS2's caption texts, as sampled
     alt_texts: list[str] | None = None  # CLS1's texts
     granularities: list[str] | None = None  # which granularity each caption came from
+    # Hard negatives (data.hard_negatives): each text with one word swapped, [B, L] like the texts
+    # they twin; `negative_valid` bool [2, B] (alt, caption): False where a text had no word to swap.
+    alt_negative_ids: torch.Tensor | None = None
+    caption_negative_ids: torch.Tensor | None = None
+    negative_valid: torch.Tensor | None = None
     # Samples read, skipped and converted by kind since the worker's previous batch
     # (`sample_quality.SkipCounter.take()`); the loader adds them up.
     data_counts: dict | None = None
@@ -88,6 +93,11 @@ def collate(items: list[dict], tokenizer, to_float: bool = True) -> Batch:
             local_crops = crop_major([i["locals"] for i in items], to_float)
     if "masks" in items[0]:
         masks = crop_major([i["masks"] for i in items])
+    negatives = {}
+    if "alt_negative" in items[0]:
+        alt_neg, caption_neg = [i["alt_negative"] for i in items], [i["caption_negative"] for i in items]
+        negatives = dict(alt_negative_ids=tokenizer(alt_neg).long(), caption_negative_ids=tokenizer(caption_neg).long(),
+                         negative_valid=torch.tensor([[bool(t) for t in alt_neg], [bool(t) for t in caption_neg]]))
     images = global_crops[0] if global_crops is not None else crop_major([[i["image"]] for i in items], to_float)[0]
     return Batch(
         images=images,
@@ -100,4 +110,5 @@ def collate(items: list[dict], tokenizer, to_float: bool = True) -> Batch:
         captions=captions,
         alt_texts=alts,
         granularities=[item["granularity"] for item in items],
+        **negatives,
     )

@@ -27,6 +27,7 @@ import torch
 
 from tipslab.datamodules.batch import Batch
 from tipslab.datamodules.caption_fields import CaptionMapping
+from tipslab.datamodules.hard_negatives import WordSwap
 from tipslab.datamodules.image_io import MAX_PIXELS
 from tipslab.datamodules.loader import ResumableLoader
 from tipslab.datamodules.masking import BlockMasker
@@ -68,6 +69,7 @@ DEFAULTS = {
     "max_image_pixels": MAX_PIXELS,
     "decode_draft": True,
     "bad_samples": {"max_share": 0.1, "min_seen": 1000},
+    "hard_negatives": {"words": []},
 }
 TINY_HINT = "to run the tiny built-in scenes experiment instead: make train EXP=tipsv2_tiny"
 
@@ -145,7 +147,12 @@ class PretrainDataModule(L.LightningDataModule):
         cfg = self.cfg
         return SampleProcessor(self.views(image_size), cfg["caption_granularities"], cfg["caption_probs"],
                                masker=self.masker(), crop_captions=bool(cfg["crop_captions"]),
-                               caption_crop_scale=dict(cfg["caption_crop_scale"] or {}))
+                               caption_crop_scale=dict(cfg["caption_crop_scale"] or {}),
+                               negatives=WordSwap(self.negative_words()))
+
+    def negative_words(self) -> list:
+        """``data.hard_negatives.words``: groups of interchangeable words (empty: no negatives)."""
+        return {**DEFAULTS["hard_negatives"], **dict(self.cfg["hard_negatives"] or {})}["words"] or []
 
     def views(self, image_size: int | None = None) -> MultiCropViews:
         """The crops of one sample: ``data.global_crops`` and ``data.local_crops`` (DINOv2's multi-crop)."""

@@ -59,8 +59,8 @@ class SampleProcessor:
     """One sample + its generator -> the item `collate` takes: views, masks, alt text, caption.
 
     Draw order (fixed, so a seed fixes everything and one-crop configs keep their old batches):
-    first global crop, alt-text, caption, then the other global crops, the local crops and the
-    block masks of the global crops. With ``caption_crop_scale`` (user data, whose captions
+    first global crop, alt-text, caption, then the other global crops, the local crops, the
+    block masks of the global crops and the hard-negative texts. With ``caption_crop_scale`` (user data, whose captions
     describe the whole image), the texts are drawn first and the first global crop after, at the
     scale given for the caption's granularity: a long, position-bearing caption gets a near-full
     crop. Samples that caption their crop (scenes) keep the crop-first order.
@@ -68,8 +68,10 @@ class SampleProcessor:
 
     def __init__(self, view: Callable, granularities: Sequence[str] = ("short", "long"),
                  probs: Sequence[float] | None = None, masker=None, crop_captions: bool = True,
-                 caption_crop_scale: Mapping | None = None):
+                 caption_crop_scale: Mapping | None = None, negatives: Callable | None = None):
         self.view = view
+        # `hard_negatives.WordSwap`: each text gets a one-word-wrong twin, drawn last.
+        self.negatives = negatives if negatives else None
         # Caption the crop, not the image, where the sample can (scenes carry `crop_captions`).
         self.crop_captions = bool(crop_captions)
         self.granularities = tuple(granularities)
@@ -128,6 +130,8 @@ class SampleProcessor:
         if self.masker is not None:
             grid = (image.shape[-2] // PATCH_SIZE, image.shape[-1] // PATCH_SIZE)
             item["masks"] = [torch.from_numpy(self.masker(grid, rng)) for _ in item.get("globals", [image])]
+        if self.negatives is not None:
+            item["alt_negative"], item["caption_negative"] = self.negatives(alt, rng), self.negatives(caption, rng)
         return item
 
 

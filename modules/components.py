@@ -28,11 +28,13 @@ _REGISTRY: dict[str, type[LossComponent]] = {}
 
 @dataclass(frozen=True)
 class DataViews:
-    """What the training batches carry: crop counts and whether there are block masks."""
+    """What the training batches carry: crop counts, whether there are block masks and
+    hard-negative texts."""
 
     num_global: int = 1
     num_local: int = 0
     masks: bool = False
+    negatives: bool = False
 
 
 class LossComponent(L.LightningModule):

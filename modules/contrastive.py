@@ -1,5 +1,7 @@
 """Image-text contrastive loss with two CLS tokens (TIPS): CLS1 against the alt-text, CLS2
 against a caption sampled from the richer granularities (TIPSv2's multi-granularity captions).
+With ``hard_negative_weight``, each image must also prefer its texts to their one-word-wrong
+twins (data.hard_negatives; NegCLIP).
 
 The loss itself is open_clip's (softmax `ClipLoss` as in TIPS, or `SigLipLoss`), which also
 gathers features across ranks; this component only routes the two CLS/text pairs into it.
@@ -13,7 +15,7 @@ from open_clip.loss import ClipLoss, SigLipLoss
 from torch import nn
 
 from tipslab.errors import TipslabError
-from tipslab.modules.components import LossComponent, register_component
+from tipslab.modules.components import DataViews, LossComponent, register_component
 from tipslab.modules.features import Features, LossOutput
 
 
@@ -30,6 +32,7 @@ def retrieval_accuracy(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 
 
 VIEWS = ("first", "global")
+DENSE_POOLS = ("max", "mean")
 
 
 @register_component("contrastive")
@@ -45,6 +48,9 @@ class ContrastiveComponent(LossComponent):
         cls1_weight: float = 1.0,
         cls2_weight: float = 1.0,
         views: str = "first",
+        hard_negative_weight: float = 0.0,
+        dense_weight: float = 0.0,
+        dense_pool: str = "max",
     ):
         super().__init__(weight=weight)
         if kind not in ("softmax", "sigmoid"):
@@ -54,14 +60,33 @@ class ContrastiveComponent(LossComponent):
         self.kind, self.views = kind, views
         self.cls1_weight = float(cls1_weight)
         self.cls2_weight = float(cls2_weight)
+        self.hard_negative_weight = float(hard_negative_weight)
+        if self.hard_negative_weight < 0:
+            raise TipslabError(f"components.contrastive.hard_negative_weight={hard_negative_weight}; expected >= 0")
         # No text pass (and no CLS) for a pair whose weight is 0.
         if self.cls1_weight:
             self.need("student/global/cls1", "text/alt/pooled")
         if self.cls2_weight:
             self.need("student/global/cls2", "text/caption/pooled")
+        self.dense_weight, self.dense_pool = float(dense_weight), dense_pool
+        if dense_pool not in DENSE_POOLS:
+            raise TipslabError(f"components.contrastive.dense_pool={dense_pool!r}; expected one of {', '.join(DENSE_POOLS)}")
+        if self.dense_weight < 0:
+            raise TipslabError(f"components.contrastive.dense_weight={dense_weight}; expected >= 0")
+        if self.dense_weight:
+            self.need("student/global/dense", "text/alt/pooled")
+        if self.hard_negative_weight:
+            for slot, text, weight in (("cls1", "alt", self.cls1_weight), ("cls2", "caption", self.cls2_weight)):
+                if weight:
+                    self.need(f"text/{text}_negative/pooled")
         # SigLIP's learned bias, initialised as in its paper (-10); softmax needs none.
         self.logit_bias = nn.Parameter(torch.full((1,), -10.0)) if kind == "sigmoid" else None
         self._loss: nn.Module | None = None
+
+    def check_data(self, views: DataViews) -> None:
+        if self.hard_negative_weight and not views.negatives:
+            raise TipslabError("components.contrastive.hard_negative_weight > 0 but the data makes no hard "
+                               "negatives: set data.hard_negatives.words (groups of interchangeable words)")
 
     def _loss_fn(self) -> nn.Module:
         # Built lazily: rank and world size are only known once the strategy has set up the
@@ -97,9 +122,63 @@ class ContrastiveComponent(LossComponent):
             losses[f"{slot}_loss"] = weight * loss
             with torch.no_grad():
                 metrics[f"i2t_acc_{slot}"] = retrieval_accuracy(crops[0], texts)
+            if self.hard_negative_weight:
+                negatives = features[f"text/{text}_negative/pooled"]
+                valid = features.negative_valid[0 if slot == "cls1" else 1]
+                scale = features.logit_scale.float().exp().clamp(max=100.0).squeeze()
+                hard = sum(hard_negative_loss(crop, texts, negatives, valid, scale) for crop in crops) / len(crops)
+                losses[f"{slot}_hard_negative_loss"] = weight * self.hard_negative_weight * hard
+                with torch.no_grad():
+                    metrics[f"hard_negative_acc_{slot}"] = hard_negative_accuracy(crops[0], texts, negatives, valid)
+        if self.dense_weight:
+            # The patches search and segmentation read (the dense readout) against the alt-text.
+            patches = features["student/global/dense"][:features.batch_size]
+            texts = features["text/alt/pooled"]
+            if self.dense_pool == "mean":
+                loss = self.pair_loss(patches.mean(dim=1), texts, features.logit_scale)
+            else:
+                scale = features.logit_scale.float().exp().clamp(max=100.0).squeeze()
+                loss = patch_max_clip_loss(patches, texts, scale)
+            losses["dense_loss"] = self.dense_weight * loss
         metrics["temperature"] = torch.exp(-features.logit_scale.detach()).squeeze()
         metrics["chance_acc"] = torch.tensor(1.0 / max(features.batch_size, 1))
         return LossOutput(losses=losses, metrics=metrics)
+
+
+def patch_max_clip_loss(patches: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric InfoNCE whose image-text similarity is the best patch's (FILIP's token-wise max,
+    one text token): ``s(i, t) = max_p cos(patch_ip, t)``, so a caption must match some patch of
+    its image and no patch of the others. Local batch only (no gather: the max needs the patches)."""
+    patches = F.normalize(patches.float(), dim=-1)  # [B, N, D]
+    text = F.normalize(text.float(), dim=-1)  # [B, D]
+    logits = scale * torch.einsum("bnd,td->btn", patches, text).amax(dim=-1)  # [B images, B texts]
+    labels = torch.arange(len(logits), device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def _pair_similarities(image, text, negative) -> tuple[torch.Tensor, torch.Tensor]:
+    image = F.normalize(image.float(), dim=-1)
+    return (image * F.normalize(text.float(), dim=-1)).sum(-1), (image * F.normalize(negative.float(), dim=-1)).sum(-1)
+
+
+def hard_negative_loss(image: torch.Tensor, text: torch.Tensor, negative: torch.Tensor, valid: torch.Tensor,
+                       scale: torch.Tensor | float) -> torch.Tensor:
+    """Mean over images with a negative of ``-log softmax([s(i, t_i), s(i, n_i)])[0]``, ``s`` the
+    scaled cosine: image ``i`` must prefer its caption ``t_i`` to the same caption with one word
+    swapped, ``n_i``. Each image meets only its own negative (NegCLIP adds every negative as a
+    column of the batch): the choice is local, needs no gather, and is about the swapped word."""
+    positive, wrong = _pair_similarities(image, text, negative)
+    per_image = F.softplus(scale * (wrong - positive))
+    valid = valid.to(per_image.device, torch.bool)
+    # No image with a negative: a zero that keeps the graph (every rank must reduce the same grads).
+    return per_image[valid].mean() if bool(valid.any()) else per_image.sum() * 0.0
+
+
+def hard_negative_accuracy(image, text, negative, valid) -> torch.Tensor:
+    """Share of images (with a negative) closer to their caption than to its hard negative."""
+    positive, wrong = _pair_similarities(image, text, negative)
+    valid = valid.to(positive.device, torch.bool)
+    return (positive > wrong)[valid].float().mean() if bool(valid.any()) else positive.new_tensor(float("nan"))
 
 
 def clip_loss_reference(image: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
@@ -109,4 +188,4 @@ def clip_loss_reference(image: torch.Tensor, text: torch.Tensor, scale: float) -
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
-__all__ = ["ContrastiveComponent", "retrieval_accuracy", "clip_loss_reference"]
+__all__ = ["ContrastiveComponent", "retrieval_accuracy", "clip_loss_reference", "hard_negative_loss"]

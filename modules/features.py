@@ -7,7 +7,8 @@ Features are keyed by role, view and kind, as in DINOv2/DINOv3's meta-architectu
   ``distill`` (a frozen, usually larger, model), ``text`` (the text tower);
 - view ``global`` (the global crops, ``[G*B, ...]`` crop-major; the student's are masked when the
   batch has masks) or ``local`` (the local crops, student only); for text ``alt`` (CLS1's
-  alt-text) or ``caption`` (CLS2's sampled caption);
+  alt-text), ``caption`` (CLS2's sampled caption) or their hard negatives ``alt_negative`` /
+  ``caption_negative`` (data.hard_negatives);
 - kind ``cls1``, ``cls2``, ``patches`` (after the final norm) or ``dense`` (the last block's
   value path, for zero-shot segmentation); for text ``pooled``.
 
@@ -24,7 +25,7 @@ import torch
 
 ROLES = ("student", "teacher", "distill", "text")
 VISION_VIEWS = ("global", "local")
-TEXT_VIEWS = ("alt", "caption")
+TEXT_VIEWS = ("alt", "caption", "alt_negative", "caption_negative")
 VISION_KINDS = ("cls1", "cls2", "patches", "dense")
 
 
@@ -69,6 +70,7 @@ class Features:
     num_global: int = 1
     num_local: int = 0
     masks: torch.Tensor | None = None  # bool [G*B, N] of the student's global crops, or None
+    negative_valid: torch.Tensor | None = None  # bool [2, B]: alt / caption has a hard negative
     step: int = 0  # optimizer steps taken (schedules: teacher temperature warm-up)
     max_steps: int = 1
     values: dict[FeatureKey, torch.Tensor] = field(default_factory=dict)

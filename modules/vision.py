@@ -244,7 +244,23 @@ class VisionTower(nn.Module):
         blocks = list(self.vit.blocks)
         for block in blocks[:-1]:
             x = block(x)
-        last = getattr(blocks[-1], "_checkpoint_wrapped_module", blocks[-1])
+        return self._dense_head(x, grid, readout)
+
+    def forward_with_dense(self, images: torch.Tensor, readout: str | None = None) -> tuple[VisionOutput, VisionOutput]:
+        """`forward` and `forward_dense` of the same images from one pass through the shared
+        blocks (all but the last): what a training step that needs both pays instead of two passes."""
+        readout = self.dense_readout if readout is None else readout
+        x, grid = self.tokens(images)
+        blocks = list(self.vit.blocks)
+        for block in blocks[:-1]:
+            x = block(x)
+        return self._split(blocks[-1](x), grid), self._dense_head(x, grid, readout)
+
+    def _dense_head(self, x: torch.Tensor, grid: tuple[int, int], readout: str) -> VisionOutput:
+        """The last block as `forward_dense` reads it, on the tokens entering it."""
+        if readout not in DENSE_READOUTS:
+            raise TipslabError(f"dense readout {readout!r}; expected one of {', '.join(DENSE_READOUTS)}")
+        last = getattr(self.vit.blocks[-1], "_checkpoint_wrapped_module", self.vit.blocks[-1])
         attn = last.attn
         qkv = attn.qkv(last.norm1(x))
         v = qkv[..., 2 * attn.attn_dim :]  # qkv is laid out [q | k | v], heads contiguous inside

@@ -81,7 +81,7 @@ class PicturesCallback(L.Callback):
 
         data = self.cfg.data
         val = ScenesDataset("val", num_images=max(int(data.num_val), 1), image_size=int(data.image_size),
-                            seed=int(self.cfg.seed))
+                            seed=int(self.cfg.eval.seed))
         scenes = [val.scene(i) for i in range(min(self.num_images, len(val)))]
         images = torch.stack([s.to_tensor() for s in scenes]).to(pl_module.device)
         labels = [sorted(set(s.class_names))[:3] for s in scenes]
@@ -122,7 +122,7 @@ class PointingGameCallback(L.Callback):
             return
 
         val = ScenesDataset("val", num_images=int(self.cfg.eval.num_scenes),
-                            image_size=int(self.cfg.data.image_size), seed=int(self.cfg.seed))
+                            image_size=int(self.cfg.data.image_size), seed=int(self.cfg.eval.seed))
         scenes = [val.scene(i) for i in range(len(val))]
         for feature, dense in (("dense", True), ("final", False)):
             result = pointing_game(encoder, self.tokenizer, scenes, dense=dense)

@@ -56,7 +56,7 @@ class EvaluationCallback(L.Callback):
         if trainer.is_global_zero:
             out = Path(self.cfg.run_dir) / "eval" if final else None
             report = evaluate_model(loaded_for(encoder, self.tokenizer, self.cfg), self.suites,
-                                    settings=self.cfg.eval, out=out, seed=int(self.cfg.seed),
+                                    settings=self.cfg.eval, out=out, seed=int(self.cfg.eval.seed),
                                     pictures=final and bool(self.cfg.eval.pictures), log=None)
             self.results = report.metrics()
             logger = trainer.logger

@@ -94,6 +94,9 @@ def parallelize_system(system, device_mesh, cfg) -> None:
     again in the same process); `device_mesh` None: steps 1 and 2 only."""
     if getattr(system, "_parallelized", False):
         return
+    if device_mesh is not None and any(k.kind == "dense" for k in getattr(system, "needed", ())):
+        raise TipslabError("components.contrastive.dense_weight > 0 reads the last block's value path outside "
+                           "the block's forward, which FSDP2 shards: train it with trainer.strategy=auto or ddp")
     system._parallelized = True
     trainer_cfg = cfg.trainer
     # 1. activation checkpointing

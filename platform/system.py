@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from tipslab.errors import TipslabError
 from tipslab.modules.components import DataViews, build_components, weighted_total
 from tipslab.modules.encoder import build_encoder
-from tipslab.modules.features import FeatureKey, Features, LossOutput
+from tipslab.modules.features import TEXT_VIEWS, FeatureKey, Features, LossOutput
 from tipslab.platform.ema import cosine_momentum, ema_update_
 from tipslab.platform.grad_clip import clip_grad_norm_
 from tipslab.platform.resolution_switch import follow_resolution_stage, match_checkpoint
@@ -60,6 +60,7 @@ def data_views(data_cfg) -> DataViews:
         num_global=int(get(get(data_cfg, "global_crops", None), "count", 1)),
         num_local=int(get(get(data_cfg, "local_crops", None), "count", 0)),
         masks=bool(get(get(data_cfg, "masking", None), "enabled", False)),
+        negatives=bool(get(get(data_cfg, "hard_negatives", None), "words", [])),
     )
 
 
@@ -115,7 +116,7 @@ class PretrainingSystem(L.LightningModule):
         masks = None if batch.masks is None else batch.masks.flatten(0, 1)
         features = Features(
             logit_scale=self.encoder.logit_scale, batch_size=batch_size, num_global=batch.num_global,
-            num_local=batch.num_local, masks=masks, step=int(self.global_step),
+            num_local=batch.num_local, masks=masks, negative_valid=batch.negative_valid, step=int(self.global_step),
             max_steps=int(self.cfg.trainer.max_steps),
         )
         store = features.values
@@ -125,10 +126,16 @@ class PretrainingSystem(L.LightningModule):
                 store[FeatureKey(role, view, kind)] = getattr(out, kind)
 
         kinds = self._wants("student", "global")
-        if kinds - {"dense"}:
-            keep("student", "global", self.encoder.vision(global_images, mask=masks), kinds)
-        if "dense" in kinds:
-            store[FeatureKey("student", "global", "dense")] = self.encoder.vision.forward_dense(global_images).patches
+        if "dense" in kinds and kinds != {"dense"} and masks is None:
+            # Both from one pass through the shared blocks (the dense readout differs in the last only).
+            out, dense = self.encoder.vision.forward_with_dense(global_images)
+            keep("student", "global", out, kinds)
+            store[FeatureKey("student", "global", "dense")] = dense.patches
+        else:
+            if kinds - {"dense"}:
+                keep("student", "global", self.encoder.vision(global_images, mask=masks), kinds)
+            if "dense" in kinds:  # the dense readout sees unmasked crops
+                store[FeatureKey("student", "global", "dense")] = self.encoder.vision.forward_dense(global_images).patches
         kinds = self._wants("student", "local")
         if kinds:
             if batch.local_crops is None:
@@ -157,16 +164,18 @@ class PretrainingSystem(L.LightningModule):
             tower.train(was_training)
 
     def _text_features(self, batch, store) -> None:
-        wants_alt = FeatureKey("text", "alt", "pooled") in self.needed
-        wants_caption = FeatureKey("text", "caption", "pooled") in self.needed
-        if wants_alt and wants_caption:
-            # One text pass over both caption slots instead of two.
-            text = self.encoder.encode_text(torch.cat([batch.alt_ids, batch.caption_ids]))
-            store[FeatureKey("text", "alt", "pooled")], store[FeatureKey("text", "caption", "pooled")] = text.chunk(2)
-        elif wants_alt:
-            store[FeatureKey("text", "alt", "pooled")] = self.encoder.encode_text(batch.alt_ids)
-        elif wants_caption:
-            store[FeatureKey("text", "caption", "pooled")] = self.encoder.encode_text(batch.caption_ids)
+        views = [v for v in TEXT_VIEWS if FeatureKey("text", v, "pooled") in self.needed]
+        if not views:
+            return
+        ids = [getattr(batch, f"{v}_ids") for v in views]
+        if any(t is None for t in ids):
+            missing = [v for v, t in zip(views, ids) if t is None]
+            raise TipslabError(f"a component needs the {', '.join(missing)} texts but the batch has none "
+                               "(hard negatives: set data.hard_negatives.words)")
+        # One text pass over every text slot asked for.
+        text = self.encoder.encode_text(torch.cat(ids)) if len(ids) > 1 else self.encoder.encode_text(ids[0])
+        for view, part in zip(views, text.chunk(len(views))):
+            store[FeatureKey("text", view, "pooled")] = part
 
     def training_step(self, batch, batch_idx):
         total, outputs = self(batch)

@@ -98,3 +98,41 @@ def test_weighted_total_sums_weighted_terms():
         "b": LossOutput(losses={"z": torch.tensor(4.0)}),
     }
     assert weighted_total(outputs, {"a": 0.5, "b": 2.0}).item() == pytest.approx(9.5)
+
+
+def test_patch_max_loss_takes_the_best_patch_per_text():
+    from tipslab.modules.contrastive import patch_max_clip_loss
+
+    # Image 0's patches: [1,0] and [0,1]; image 1's: [-1,0] twice. Texts [1,0] and [0,1].
+    patches = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[-1.0, 0.0], [-1.0, 0.0]]])
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    scale = 2.0
+    # Best-patch cosines: image 0 -> (1, 1), image 1 -> (-1, 0).
+    e = math.exp
+    # Rows (image -> texts): logits [2, 2] and [-2, 0]; columns (text -> images): [2, -2] and [2, 0].
+    rows = [-math.log(e(2) / (e(2) + e(2))), -math.log(e(0) / (e(-2) + e(0)))]
+    cols = [-math.log(e(2) / (e(2) + e(-2))), -math.log(e(0) / (e(2) + e(0)))]
+    expected = 0.5 * (sum(rows) / 2 + sum(cols) / 2)
+    assert patch_max_clip_loss(patches, text, scale).item() == pytest.approx(expected, rel=1e-6)
+    # Gradient reaches exactly the patches that are some text's best patch of their image.
+    torch.manual_seed(0)
+    patches, text = torch.randn(3, 5, 4, requires_grad=True), torch.randn(3, 4)
+    patch_max_clip_loss(patches, text, scale).backward()
+    best = torch.einsum("bnd,td->btn", torch.nn.functional.normalize(patches.detach(), dim=-1),
+                        torch.nn.functional.normalize(text, dim=-1)).argmax(-1)  # [B images, B texts]
+    for b in range(3):
+        chosen = set(best[b].tolist())
+        assert all((patches.grad[b, n].abs().sum() > 0) == (n in chosen) for n in range(5))
+
+
+def test_dense_term_reads_the_dense_patches_and_checks_its_settings():
+    component = ContrastiveComponent(embed_dim=8, dense_weight=0.5, dense_pool="mean")
+    assert key("student/global/dense") in component.needs
+    features = _features()
+    features.values[key("student/global/dense")] = torch.randn(4, 6, 8)
+    out = component(features)
+    expected = 0.5 * component.pair_loss(features["student/global/dense"].mean(1), features["text/alt/pooled"],
+                                         features.logit_scale)
+    assert out.losses["dense_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(TipslabError, match="dense_pool='sum'"):
+        ContrastiveComponent(embed_dim=8, dense_weight=1.0, dense_pool="sum")

@@ -55,3 +55,21 @@ def test_optimizer_decays_matrices_but_not_norms_tokens_or_temperature():
     assert id(vit.blocks[0].attn.qkv.weight) in {id(p) for p in decay["params"]}
     counted = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     assert counted == sum(p.numel() for p in system.parameters() if p.requires_grad)
+
+
+def test_dense_term_shares_one_pass_with_the_cls_tokens_and_is_refused_under_fsdp2():
+    from tipslab.errors import TipslabError
+    from tipslab.platform.parallelize import parallelize_system
+
+    system = _system("components.contrastive.dense_weight=1.0").eval()
+    batch = _batch()
+    features = system.compute_features(batch)
+    vision = system.encoder.vision
+    assert torch.allclose(features["student/global/cls1"], vision(batch.images).cls1, atol=1e-5)
+    assert torch.allclose(features["student/global/dense"], vision.forward_dense(batch.images).patches, atol=1e-5)
+    total, outputs = system(batch)
+    assert "dense_loss" in outputs["contrastive"].losses
+    total.backward()
+    assert vision.vit.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(TipslabError, match="dense_weight.*strategy=auto"):
+        parallelize_system(system, object(), system.cfg)
