@@ -15,7 +15,8 @@ The order matters (as in DINOv3's `ac_compile_parallelize`):
    is outside the system's module tree). They reshard after every forward and, not being in the
    optimizer, hold no optimizer state;
 4. `fully_shard` each trained block, then the root: the root unit holds what no block owns
-   (embeddings, final norms, the temperature, the components' heads) and its forward is the
+   (embeddings, final norms, the temperature, the components' heads, and the last vision block
+   when the dense readout is trained: `blocks_read_outside_forward`) and its forward is the
    system's forward;
 5. explicit prefetch along each tower's chain of sharded blocks, forward and backward (DINOv3).
 
@@ -45,6 +46,16 @@ def transformer_blocks(system) -> list[nn.Module]:
     blocks = list(system.encoder.vision.blocks)
     blocks.extend(system.encoder.text.blocks)
     return blocks
+
+
+def blocks_read_outside_forward(system) -> list[nn.Module]:
+    """Trained blocks that must join the root unit instead of their own: the dense readout
+    (`VisionTower.forward_dense`) calls the last vision block's layers outside that block's
+    forward, where its own FSDP2 unit would hold them sharded. The root's parameters stay
+    gathered from the system's forward through its backward, so reading them anywhere in
+    between is safe; the cost is one block's parameters unsharded."""
+    needed = getattr(system, "needed", ())
+    return [system.encoder.vision.blocks[-1]] if any(k.kind == "dense" for k in needed) else []
 
 
 def teacher_towers(system) -> list[nn.Module]:
@@ -94,9 +105,6 @@ def parallelize_system(system, device_mesh, cfg) -> None:
     again in the same process); `device_mesh` None: steps 1 and 2 only."""
     if getattr(system, "_parallelized", False):
         return
-    if device_mesh is not None and any(k.kind == "dense" for k in getattr(system, "needed", ())):
-        raise TipslabError("components.contrastive.dense_weight > 0 reads the last block's value path outside "
-                           "the block's forward, which FSDP2 shards: train it with trainer.strategy=auto or ddp")
     system._parallelized = True
     trainer_cfg = cfg.trainer
     # 1. activation checkpointing
@@ -127,13 +135,15 @@ def parallelize_system(system, device_mesh, cfg) -> None:
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     if distill is not None:
         fully_shard(distill, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-    # 4. trained blocks, then the root
+    # 4. trained blocks, then the root (which also takes the blocks left out of sharding)
+    unsharded = blocks_read_outside_forward(system)
     for block in transformer_blocks(system):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
+        if block not in unsharded:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(system, mesh=mesh, mp_policy=policy)
     # 5. prefetch along each tower, as DINOv3 sets it
     for blocks in block_chains(system):
-        chain_prefetch(blocks)
+        chain_prefetch([block for block in blocks if block not in unsharded])
 
 
 def block_chains(system) -> list[list[nn.Module]]:

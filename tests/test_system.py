@@ -57,9 +57,8 @@ def test_optimizer_decays_matrices_but_not_norms_tokens_or_temperature():
     assert counted == sum(p.numel() for p in system.parameters() if p.requires_grad)
 
 
-def test_dense_term_shares_one_pass_with_the_cls_tokens_and_is_refused_under_fsdp2():
-    from tipslab.errors import TipslabError
-    from tipslab.platform.parallelize import parallelize_system
+def test_dense_term_shares_one_pass_with_the_cls_tokens_and_keeps_its_block_in_the_fsdp2_root():
+    from tipslab.platform.parallelize import blocks_read_outside_forward
 
     system = _system("components.contrastive.dense_weight=1.0").eval()
     batch = _batch()
@@ -71,5 +70,5 @@ def test_dense_term_shares_one_pass_with_the_cls_tokens_and_is_refused_under_fsd
     assert "dense_loss" in outputs["contrastive"].losses
     total.backward()
     assert vision.vit.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0
-    with pytest.raises(TipslabError, match="dense_weight.*strategy=auto"):
-        parallelize_system(system, object(), system.cfg)
+    assert blocks_read_outside_forward(system) == [vision.blocks[-1]]
+    assert blocks_read_outside_forward(_system()) == []
