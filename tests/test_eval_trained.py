@@ -35,7 +35,11 @@ def runs(tmp_path_factory):
     from tipslab.platform.eval_suites import evaluate_model
 
     run_dir = tmp_path_factory.mktemp("trained") / "runs" / "tiny"
-    cfg = load_config("tipsv2_tiny", [f"run_dir={run_dir}", f"trainer.max_steps={STEPS}", "trainer.progress_bar=false",
+    # Without the demo's dense term: it trades CLS classification for patch alignment (docs/RECIPE.md)
+    # and at 50 steps its classification lead over chance is 4.6 points, under the bar here; this
+    # test is about the suites telling a trained model from an untrained one.
+    cfg = load_config("tipsv2_tiny", ["components.contrastive.dense_weight=0", f"run_dir={run_dir}",
+                                      f"trainer.max_steps={STEPS}", "trainer.progress_bar=false",
                                       "eval.every_n_steps=25", "eval.pointing_game=false", "tracking.pictures=false",
                                       "checkpoint.every_n_steps=1000"])
     result = train(cfg)
