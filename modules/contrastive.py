@@ -35,6 +35,11 @@ VIEWS = ("first", "global")
 DENSE_POOLS = ("max", "mean")
 
 
+def logit_scale_value(logit_scale: torch.Tensor) -> torch.Tensor:
+    """The multiplier of the cosines: exp of the learned log-scale, capped at 100 (CLIP), fp32."""
+    return logit_scale.float().exp().clamp(max=100.0).squeeze()
+
+
 @register_component("contrastive")
 class ContrastiveComponent(LossComponent):
     """``views``: ``first`` contrasts the first global crop (the one the captions describe) with
@@ -64,10 +69,10 @@ class ContrastiveComponent(LossComponent):
         if self.hard_negative_weight < 0:
             raise TipslabError(f"components.contrastive.hard_negative_weight={hard_negative_weight}; expected >= 0")
         # No text pass (and no CLS) for a pair whose weight is 0.
-        if self.cls1_weight:
-            self.need("student/global/cls1", "text/alt/pooled")
-        if self.cls2_weight:
-            self.need("student/global/cls2", "text/caption/pooled")
+        for slot, text, _ in self._pairs():
+            self.need(f"student/global/{slot}", f"text/{text}/pooled")
+            if self.hard_negative_weight:
+                self.need(f"text/{text}_negative/pooled")
         self.dense_weight, self.dense_pool = float(dense_weight), dense_pool
         if dense_pool not in DENSE_POOLS:
             raise TipslabError(f"components.contrastive.dense_pool={dense_pool!r}; expected one of {', '.join(DENSE_POOLS)}")
@@ -75,13 +80,14 @@ class ContrastiveComponent(LossComponent):
             raise TipslabError(f"components.contrastive.dense_weight={dense_weight}; expected >= 0")
         if self.dense_weight:
             self.need("student/global/dense", "text/alt/pooled")
-        if self.hard_negative_weight:
-            for slot, text, weight in (("cls1", "alt", self.cls1_weight), ("cls2", "caption", self.cls2_weight)):
-                if weight:
-                    self.need(f"text/{text}_negative/pooled")
         # SigLIP's learned bias, initialised as in its paper (-10); softmax needs none.
         self.logit_bias = nn.Parameter(torch.full((1,), -10.0)) if kind == "sigmoid" else None
         self._loss: nn.Module | None = None
+
+    def _pairs(self) -> list[tuple[str, str, float]]:
+        """(CLS token, its text, weight) of each pair with a weight: CLS1 x alt-text, CLS2 x caption."""
+        pairs = (("cls1", "alt", self.cls1_weight), ("cls2", "caption", self.cls2_weight))
+        return [pair for pair in pairs if pair[2]]
 
     def check_data(self, views: DataViews) -> None:
         if self.hard_negative_weight and not views.negatives:
@@ -103,16 +109,14 @@ class ContrastiveComponent(LossComponent):
         # float32 logits whatever the towers' dtype (bf16 under FSDP2, no autocast: docs/SCALE.md)
         image = F.normalize(image.float(), dim=-1)
         text = F.normalize(text.float(), dim=-1)
-        scale = logit_scale.float().exp().clamp(max=100.0).squeeze()
+        scale = logit_scale_value(logit_scale)
         if self.kind == "softmax":
             return self._loss_fn()(image, text, scale)
         return self._loss_fn()(image, text, scale, self.logit_bias.float().squeeze())
 
     def forward(self, features: Features) -> LossOutput:
         losses, metrics = {}, {}
-        for slot, text, weight in (("cls1", "alt", self.cls1_weight), ("cls2", "caption", self.cls2_weight)):
-            if not weight:
-                continue
+        for slot, text, weight in self._pairs():
             crops = features.by_view(f"student/global/{slot}")  # [G, B, D]
             texts = features[f"text/{text}/pooled"]
             if self.views == "first":
@@ -125,7 +129,7 @@ class ContrastiveComponent(LossComponent):
             if self.hard_negative_weight:
                 negatives = features[f"text/{text}_negative/pooled"]
                 valid = features.negative_valid[0 if slot == "cls1" else 1]
-                scale = features.logit_scale.float().exp().clamp(max=100.0).squeeze()
+                scale = logit_scale_value(features.logit_scale)
                 hard = sum(hard_negative_loss(crop, texts, negatives, valid, scale) for crop in crops) / len(crops)
                 losses[f"{slot}_hard_negative_loss"] = weight * self.hard_negative_weight * hard
                 with torch.no_grad():
@@ -137,8 +141,7 @@ class ContrastiveComponent(LossComponent):
             if self.dense_pool == "mean":
                 loss = self.pair_loss(patches.mean(dim=1), texts, features.logit_scale)
             else:
-                scale = features.logit_scale.float().exp().clamp(max=100.0).squeeze()
-                loss = patch_max_clip_loss(patches, texts, scale)
+                loss = patch_max_clip_loss(patches, texts, logit_scale_value(features.logit_scale))
             losses["dense_loss"] = self.dense_weight * loss
         metrics["temperature"] = torch.exp(-features.logit_scale.detach()).squeeze()
         metrics["chance_acc"] = torch.tensor(1.0 / max(features.batch_size, 1))

@@ -237,29 +237,31 @@ class VisionTower(nn.Module):
 
         CLS1/CLS2 come from the same pass; use `forward` for the ordinary CLS tokens.
         """
-        readout = self.dense_readout if readout is None else readout
-        if readout not in DENSE_READOUTS:
-            raise TipslabError(f"dense readout {readout!r}; expected one of {', '.join(DENSE_READOUTS)}")
-        x, grid = self.tokens(images)
-        blocks = list(self.vit.blocks)
-        for block in blocks[:-1]:
-            x = block(x)
-        return self._dense_head(x, grid, readout)
+        readout = self._readout(readout)
+        return self._dense_head(*self._trunk(images), readout)
 
     def forward_with_dense(self, images: torch.Tensor, readout: str | None = None) -> tuple[VisionOutput, VisionOutput]:
         """`forward` and `forward_dense` of the same images from one pass through the shared
         blocks (all but the last): what a training step that needs both pays instead of two passes."""
+        readout = self._readout(readout)
+        x, grid = self._trunk(images)
+        return self._split(self.vit.blocks[-1](x), grid), self._dense_head(x, grid, readout)
+
+    def _readout(self, readout: str | None) -> str:
         readout = self.dense_readout if readout is None else readout
+        if readout not in DENSE_READOUTS:
+            raise TipslabError(f"dense readout {readout!r}; expected one of {', '.join(DENSE_READOUTS)}")
+        return readout
+
+    def _trunk(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The tokens entering the last block, and the patch grid."""
         x, grid = self.tokens(images)
-        blocks = list(self.vit.blocks)
-        for block in blocks[:-1]:
+        for block in list(self.vit.blocks)[:-1]:
             x = block(x)
-        return self._split(blocks[-1](x), grid), self._dense_head(x, grid, readout)
+        return x, grid
 
     def _dense_head(self, x: torch.Tensor, grid: tuple[int, int], readout: str) -> VisionOutput:
         """The last block as `forward_dense` reads it, on the tokens entering it."""
-        if readout not in DENSE_READOUTS:
-            raise TipslabError(f"dense readout {readout!r}; expected one of {', '.join(DENSE_READOUTS)}")
         last = getattr(self.vit.blocks[-1], "_checkpoint_wrapped_module", self.vit.blocks[-1])
         attn = last.attn
         qkv = attn.qkv(last.norm1(x))

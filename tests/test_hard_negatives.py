@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tipslab.datamodules.batch import Batch
 from tipslab.datamodules.datamodule import PretrainDataModule
 from tipslab.datamodules.hard_negatives import WordSwap
 from tipslab.datamodules.scenes import SHAPES
@@ -120,8 +121,6 @@ def test_system_encodes_negatives_in_the_one_text_pass_and_config_checks_the_dat
     assert data_views(cfg.data).negatives
     assert not data_views(load_config("ablate_contrastive", overrides).data).negatives
     system = PretrainingSystem(cfg).eval()
-    from tipslab.datamodules.batch import Batch
-
     g = torch.Generator().manual_seed(0)
     ids = {name: torch.randint(1, 500, (4, 8), generator=g)
            for name in ("alt_ids", "caption_ids", "alt_negative_ids", "caption_negative_ids")}
