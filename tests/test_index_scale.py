@@ -62,6 +62,7 @@ def test_auto_index_tunes_to_the_target_and_records_it(tmp_path):
     tuning = manifest["tuning"]
     assert tuning["recall"] >= 0.9 and manifest["search_params"] == f"nprobe={tuning['nprobe']}"
     assert manifest["rerank"] == tuning["rerank"] > 0 and manifest["factory_choice"]["requested"] == "auto"
+    assert tuning["seconds"] > 0  # timed, as every candidate count reaching the target is, to keep the fastest
     # fresh held-out queries: the tuned search keeps (near) the target, and raw FAISS order is re-scored
     rng = np.random.default_rng(5)
     queries = heldout_queries(index.store.sample(5000, rng), 50, rng)
