@@ -31,8 +31,8 @@ queries nprobe is tuned on, so the measured recall is an honest check of the tun
 
     nice -n 19 python bench/bench_search.py --sizes 1000000 2000000        # 1M and 2M x 768, real vectors mixed in
     nice -n 19 python bench/bench_search.py --sizes 1000000 --legacy-build # the build before ivf_build.py
-    nice -n 19 python bench/bench_search.py --sizes 1000000 10000000 --tmp /big/disk  # ~16 GB of float16 parts
-    python bench/bench_search.py --sizes 20000 --dim 64 --queries 50 --real 50   # smoke run
+    nice -n 19 python bench/bench_search.py --sizes 1000000 10000000 --build-threads 2 --tmp /big/disk  # ~16 GB of parts
+    python bench/bench_search.py --sizes 20000 --dim 192 --queries 50 --real 50  # smoke run
 """
 
 from __future__ import annotations
@@ -152,8 +152,19 @@ def tie_tolerant_recall(store, queries, truth, found) -> float:
     return float(np.mean(hits))
 
 
-def latencies(search, queries: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """ids of each query searched alone, and the p50 / p95 latency in ms."""
+def latencies(search, queries: np.ndarray, threads: int = 1) -> tuple[np.ndarray, float, float]:
+    """ids of each query searched alone on ``threads`` FAISS threads, and the p50 / p95 latency in ms."""
+    import faiss
+
+    building = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        return _timed(search, queries)
+    finally:
+        faiss.omp_set_num_threads(building)
+
+
+def _timed(search, queries: np.ndarray) -> tuple[np.ndarray, float, float]:
     search(queries[:1])  # warm up (page in the memory maps, allocate)
     times, ids = [], []
     for q in queries:
@@ -208,7 +219,7 @@ def baselines(store, n: int, dim: int, nlist: int, sets, args, rng, centroids=No
             note = f"nprobe={nprobe}"
         build = time.perf_counter() - t0
         search = lambda q, index=index: index.search(q, args.k)[1]  # noqa: E731
-        _, p50, p95 = latencies(search, sets[1][0])
+        _, p50, p95 = latencies(search, sets[1][0], args.threads)
         size = index_bytes(index, args.tmp_dir) / n
         if "IVF" in factory and centroids is not None:
             note += ", the auto index's lists"
@@ -240,7 +251,7 @@ def run_size(n: int, args, root: Path, real=None) -> list[tuple]:
     sets = [(queries, exact_top_k(index.store, queries, args.k)) for queries in kinds]  # streams over the parts
     truth_s = time.perf_counter() - t1
     search = lambda q: index.search_vectors(q, args.k)[1]  # noqa: E731
-    _, p50, p95 = latencies(search, sets[1][0])
+    _, p50, p95 = latencies(search, sets[1][0], args.threads)
     import faiss
 
     size = (index.path / "index.faiss").stat().st_size / n_vec
@@ -290,14 +301,16 @@ def main() -> None:
     parser.add_argument("--legacy-build", action="store_true",
                         help="one-level k-means and adds through the HNSW quantizer (the build before ivf_build.py)")
     # 1 thread: single-query latency on a shared box; OpenMP spin-waits make 2 threads slower here.
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="FAISS threads of the timed single queries")
+    parser.add_argument("--build-threads", type=int, default=1,
+                        help="FAISS threads while building, tuning and measuring recall (e.g. every core)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--tmp", default=None, help="folder for the index directories (default: system temp)")
     args = parser.parse_args()
 
-    faiss.omp_set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.build_threads)
     if args.legacy_build:
         from tipslab.retrieval import ivf_build
 
@@ -310,7 +323,7 @@ def main() -> None:
               f"{len(real[1])} of {args.real_held_out} held-out scenes as queries "
               f"({'--model' if args.model else 'fresh tiny encoder'}, {time.perf_counter() - t0:.0f} s)")
     print(f"patch-like L2-normalised {args.dim}-d vectors, {args.queries} single queries, {args.k}-recall@{args.k} "
-          f"vs exact, target {args.target}, threads={args.threads}, pool={args.pool}")
+          f"vs exact, target {args.target}, threads={args.threads} (build {args.build_threads}), pool={args.pool}")
     results = {}
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for n in args.sizes:

@@ -87,6 +87,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _clip(cfg, params) -> None:
+    """The recipe's gradient clipping (optim.grad_clip), as open_clip's and DINOv2's loops clip:
+    Lightning's rows clip (PretrainingSystem.optimizer_step), so the hand-written loops do too."""
+    if float(cfg.optim.grad_clip or 0) > 0:
+        torch.nn.utils.clip_grad_norm_(list(params), float(cfg.optim.grad_clip))
+
+
 def time_steps(system, batch, steps: int, device: str) -> float:
     optimizer = torch.optim.AdamW([p for _, p in system.trainable_parameters()], lr=1e-4, fused=device == "cuda")
     for i in range(steps + 2):
@@ -96,6 +103,7 @@ def time_steps(system, batch, steps: int, device: str) -> float:
         with _autocast(device):
             loss, _ = system(batch)
         loss.backward()
+        _clip(system.cfg, [p for _, p in system.trainable_parameters()])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema_update_(system.momentum_pairs(), 0.99)
@@ -128,6 +136,7 @@ def time_bare_loop(cfg, batch, steps: int, device: str) -> float:
             loss = clip(F.normalize(image.cls1, dim=-1), F.normalize(alt, dim=-1), scale) + \
                 clip(F.normalize(image.cls2, dim=-1), F.normalize(caption, dim=-1), scale)
         loss.backward()
+        _clip(cfg, encoder.parameters())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     _sync(device)
