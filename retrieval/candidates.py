@@ -2,7 +2,7 @@
 and (for compressed codes) the candidates re-scored exactly from the float16 vectors, so a lossy
 code only decides which vectors are looked at, never their final order.
 
-When a query's exact top-k sits deep in the codes' candidate list, the codes do not order its
+When a query's exact top 10 sits deep in the codes' candidate list, the codes do not order its
 neighbourhood (dense features of flat regions: hundreds of patches within the codes' error of
 each other), so better neighbours likely lie past the list's end; such a query alone is searched
 again with 4x the candidates, up to `DEEPEN_MAX` x. Easy queries pay nothing for this.
@@ -16,7 +16,8 @@ import numpy as np
 
 from tipslab.retrieval.vector_store import VectorStore, rescore
 
-DEEPEN_AT = 0.5  # exact top-k reaching past this share of the candidates: search deeper
+DEEPEN_AT = 0.5  # the exact top hits reaching past this share of the candidates: search deeper
+DEEPEN_HEAD = 10  # the top hits judged (as tuned: 10-recall@10); a large k's tail always sits deep
 DEEPEN_MAX = 16  # at most this many times the tuned candidates per query
 DEEPEN_STEP = 4  # each deeper search fetches this many times the last
 
@@ -60,11 +61,12 @@ def _live_candidates(search, queries, k, fetch, total, dead):
 
 
 def _too_deep(candidates: np.ndarray, best: np.ndarray, ended: np.ndarray) -> np.ndarray:
-    """bool [Q]: the exact top-k includes a candidate past `DEEPEN_AT` of the list, and the probed
-    lists hold more vectors than were fetched."""
+    """bool [Q]: the exact top `DEEPEN_HEAD` include a candidate past `DEEPEN_AT` of the list, and
+    the probed lists hold more vectors than were fetched."""
     deep = np.zeros(len(candidates), dtype=bool)
     for row, (cand, top) in enumerate(zip(candidates, best)):
-        where = np.flatnonzero(np.isin(cand, top[top >= 0]))
+        head = top[:DEEPEN_HEAD]
+        where = np.flatnonzero(np.isin(cand, head[head >= 0]))
         deep[row] = len(where) > 0 and where[-1] >= DEEPEN_AT * len(cand)
     return deep & ~ended
 

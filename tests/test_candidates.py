@@ -20,12 +20,13 @@ class OrderedSearch:
     """A FAISS-like search over all vectors in a fixed order per query, counting the rows fetched:
     ``worst_first`` stands for codes that cannot tell a neighbourhood apart."""
 
-    def __init__(self, vectors, worst_first):
-        self.vectors, self.worst_first, self.fetched = vectors, worst_first, []
+    def __init__(self, vectors, worst_first, noise=0.0):
+        self.vectors, self.worst_first, self.noise, self.fetched = vectors, worst_first, noise, []
 
     def __call__(self, queries, n):
         scores = queries @ self.vectors.T
-        order = np.argsort(scores if self.worst_first else -scores, axis=1, kind="stable")[:, :n]
+        coded = scores + self.noise * np.random.default_rng(1).standard_normal(scores.shape)  # a code's error
+        order = np.argsort(coded if self.worst_first else -coded, axis=1, kind="stable")[:, :n]
         self.fetched.append(n)
         return np.take_along_axis(scores, order, axis=1), order.astype(np.int64)
 
@@ -86,3 +87,14 @@ def test_deleted_vectors_stay_out_when_searching_deeper(tmp_path):
     assert not np.isin(ids, deleted).any()
     kept = np.delete(np.arange(len(vectors)), deleted)
     np.testing.assert_array_equal(ids, kept[exact(vectors[kept], queries, 10)])
+
+
+def test_a_large_k_is_judged_by_its_top_hits_not_its_tail(tmp_path):
+    # k = 200 of 400 candidates: with a code's error the tail of a top-200 reaches deep, while
+    # the top 10 stay in front; such codes fetch once (region search asks for 20 x k patches)
+    store, vectors = make_store(tmp_path)
+    queries = vectors[:4] + 0.01
+    search = OrderedSearch(vectors, worst_first=False, noise=0.05)
+    _, ids = search_candidates(search, store, queries, 200, total=len(vectors), rerank=400)
+    assert search.fetched == [400]
+    assert np.mean([len(set(a) & set(b)) for a, b in zip(ids, exact(vectors, queries, 200))]) > 150
