@@ -190,12 +190,12 @@ def baselines(store, n: int, dim: int, nlist: int, sets, args, rng, centroids=No
     count (and its coarse centroids when given: k-means is not what is compared), nprobe tuned alike."""
     import faiss
 
-    from tipslab.retrieval.tuning import heldout_queries, tune_nprobe
+    from tipslab.retrieval.tuning import heldout_queries, pool_size, tune_nprobe
     from tipslab.retrieval.vector_store import exact_top_k
 
     rows = []
     factories = ([] if n > args.flat_max else ["Flat"]) + [f"IVF{nlist},SQ8"]
-    tune_q = heldout_queries(store.sample(20_000, rng), args.queries, rng)
+    tune_q = heldout_queries(store.sample(pool_size(n), rng), args.queries, rng)
     tune_truth = exact_top_k(store, tune_q, args.k)
     for factory in factories:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
@@ -231,7 +231,7 @@ def baselines(store, n: int, dim: int, nlist: int, sets, args, rng, centroids=No
 def run_size(n: int, args, root: Path, real=None) -> list[tuple]:
     from tipslab.retrieval.factory_choice import nlist_for
     from tipslab.retrieval.index_dir import write_index
-    from tipslab.retrieval.tuning import heldout_queries
+    from tipslab.retrieval.tuning import heldout_queries, pool_size
     from tipslab.retrieval.vector_store import exact_top_k
 
     real_records, real_held = real if real is not None else ([], None)
@@ -243,7 +243,7 @@ def run_size(n: int, args, root: Path, real=None) -> list[tuple]:
     build = time.perf_counter() - t0
     n_vec = index.num_vectors
     rng = np.random.default_rng(args.seed + 7)  # evaluation queries: not the ones nprobe was tuned on
-    kinds = [heldout_queries(index.store.sample(20_000, rng), args.queries, rng),
+    kinds = [heldout_queries(index.store.sample(pool_size(index.num_vectors), rng), args.queries, rng),
              concept_queries(centres, args.queries, rng)]
     if real_held is not None:  # patches of scenes that are not in the index
         kinds.append(real_held[rng.choice(len(real_held), size=min(args.queries, len(real_held)), replace=False)])

@@ -58,12 +58,11 @@ from tipslab.retrieval.index_layout import (
 )
 from tipslab.retrieval.model_identity import bundle_model, default_device, model_cfg_dict, model_identity
 from tipslab.retrieval.pooling import pool_records
-from tipslab.retrieval.tuning import DEFAULT_QUERIES, DEFAULT_TARGET, heldout_queries, tune_nprobe
+from tipslab.retrieval.tuning import DEFAULT_QUERIES, DEFAULT_TARGET, heldout_queries, pool_size, tune_nprobe
 from tipslab.retrieval.vector_store import PartWriter, VectorStore, exact_top_k
 
 RERANK = (100, 400, 1600)  # candidates re-scored exactly per query (compressed codes): the fewest reaching the target
 TUNE_K = 10  # recall is tuned as 10-recall@10
-TUNE_POOL = 20_000  # stored vectors the held-out queries are grouped from
 SPEEDUP_TO_SWITCH = 1.1  # a larger candidate count is kept only when this much faster (timing noise)
 TUNE_MARGIN = 0.01  # tuned above the target by ~2 standard errors of a 200-query recall, so fresh queries meet it
 TRAIN_PER_LIST = 64  # auto: k-means samples per list (FAISS caps at 256; 64 trains 4x faster, same recall here)
@@ -214,7 +213,7 @@ def _tune(index, store: VectorStore, reranks: tuple[int, ...], target: float, se
     `candidates.py`, and can win); the best recall seen when none does."""
     rng = np.random.default_rng(seed + 1)
     total = int(store.starts[-1])
-    queries = heldout_queries(store.sample(TUNE_POOL, rng), DEFAULT_QUERIES, rng)
+    queries = heldout_queries(store.sample(pool_size(total), rng), DEFAULT_QUERIES, rng)
     k = min(TUNE_K, total)
     truth = exact_top_k(store, queries, k)
     nlist = int(ivf_of(index).nlist)

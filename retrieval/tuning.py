@@ -18,11 +18,23 @@ DEFAULT_TARGET = 0.95
 DEFAULT_QUERIES = 200
 QUERY_NOISE = 0.3  # norm of the noise added to a (unit) query
 GROUP = 32  # stored vectors averaged into one query
+POOL_MIN = 20_000  # the sample queries are grouped from: at least this many stored vectors ...
+POOL_SHARE = 50  # ... or 1 in this many, so a group covers the same neighbourhood at any size
+POOL_MAX = 500_000  # (1.5 GB of 768-d float32)
+
+
+def pool_size(total: int) -> int:
+    """Stored vectors to sample for held-out queries from a collection of ``total``. A fixed
+    sample thins out as the collection grows: at 10M vectors, 20k hold ~2 per concept and a query
+    (the mean of a seed's 32 nearest sampled vectors) averages unrelated patches, whose exact
+    neighbours scatter over every list (nprobe 3584 of 16384 was "needed"). A fixed share keeps
+    the group at ~1600 nearest neighbours in the collection, as at 1M."""
+    return int(min(total, max(POOL_MIN, min(POOL_MAX, total // POOL_SHARE))))
 
 
 def heldout_queries(pool: np.ndarray, count: int, rng: np.random.Generator, noise: float = QUERY_NOISE) -> np.ndarray:
     """``count`` unit queries ``[count, D]``, each the mean of a random pooled vector's ``GROUP``
-    nearest pooled vectors (a sample of the collection), moved by noise."""
+    nearest pooled vectors (a sample of the collection, `pool_size` of it), moved by noise."""
     pool = np.ascontiguousarray(pool, dtype=np.float32)
     seeds = pool[rng.choice(len(pool), size=count, replace=len(pool) < count)]
     group = min(GROUP, len(pool))

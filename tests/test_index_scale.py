@@ -103,3 +103,12 @@ def test_hnsw_quantizer_breadth_is_recorded_and_applied(tmp_path):
 
     ivf = faiss.extract_index_ivf(reopened.index)
     assert (ivf.nprobe, faiss.downcast_index(ivf.quantizer).hnsw.efSearch) == (20, 90)
+
+
+def test_heldout_query_pool_keeps_a_fixed_share_of_large_collections():
+    from tipslab.retrieval.tuning import pool_size
+
+    assert pool_size(5_000) == 5_000  # small: every vector
+    assert pool_size(1_000_000) == 20_000  # the floor
+    assert pool_size(10_000_000) == 200_000  # 1 in 50: the same neighbourhood per query as at 1M
+    assert pool_size(10**9) == 500_000  # capped (RAM)
