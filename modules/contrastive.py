@@ -154,9 +154,7 @@ def patch_max_clip_loss(patches: torch.Tensor, text: torch.Tensor, scale: torch.
     its image and no patch of the others. Local batch only (no gather: the max needs the patches)."""
     patches = F.normalize(patches.float(), dim=-1)  # [B, N, D]
     text = F.normalize(text.float(), dim=-1)  # [B, D]
-    logits = scale * torch.einsum("bnd,td->btn", patches, text).amax(dim=-1)  # [B images, B texts]
-    labels = torch.arange(len(logits), device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    return symmetric_cross_entropy(scale * torch.einsum("bnd,td->btn", patches, text).amax(dim=-1))
 
 
 def _pair_similarities(image, text, negative) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,11 +182,16 @@ def hard_negative_accuracy(image, text, negative, valid) -> torch.Tensor:
     return (positive > wrong)[valid].float().mean() if bool(valid.any()) else positive.new_tensor(float("nan"))
 
 
+def symmetric_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean of the image->text and text->image cross-entropies of ``logits [B images, B texts]``,
+    the matching pairs on the diagonal."""
+    labels = torch.arange(len(logits), device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
 def clip_loss_reference(image: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
     """Symmetric InfoNCE written out, for tests and for reading: mean of the two cross-entropies."""
-    logits = scale * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
-    labels = torch.arange(len(logits))
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    return symmetric_cross_entropy(scale * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T)
 
 
 __all__ = ["ContrastiveComponent", "retrieval_accuracy", "clip_loss_reference", "hard_negative_loss"]

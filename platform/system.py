@@ -173,7 +173,7 @@ class PretrainingSystem(L.LightningModule):
             raise TipslabError(f"a component needs the {', '.join(missing)} texts but the batch has none "
                                "(hard negatives: set data.hard_negatives.words)")
         # One text pass over every text slot asked for.
-        text = self.encoder.encode_text(torch.cat(ids)) if len(ids) > 1 else self.encoder.encode_text(ids[0])
+        text = self.encoder.encode_text(torch.cat(ids))
         for view, part in zip(views, text.chunk(len(views))):
             store[FeatureKey("text", view, "pooled")] = part
 

@@ -25,10 +25,10 @@ POOL_MAX = 500_000  # (1.5 GB of 768-d float32)
 
 def pool_size(total: int) -> int:
     """Stored vectors to sample for held-out queries from a collection of ``total``. A fixed
-    sample thins out as the collection grows: at 10M vectors, 20k hold ~2 per concept and a query
-    (the mean of a seed's 32 nearest sampled vectors) averages unrelated patches, whose exact
-    neighbours scatter over every list (nprobe 3584 of 16384 was "needed"). A fixed share keeps
-    the group at ~1600 nearest neighbours in the collection, as at 1M."""
+    sample thins out as the collection grows: at 10M vectors of the search bench, 20k hold ~2 per
+    concept and a query (the mean of a seed's 32 nearest sampled vectors) averages unrelated
+    patches. A fixed share keeps the group at ~1600 nearest neighbours in the collection at any
+    size, as at 1M."""
     return int(min(total, max(POOL_MIN, min(POOL_MAX, total // POOL_SHARE))))
 
 
