@@ -325,6 +325,8 @@ def main() -> None:
     print(f"patch-like L2-normalised {args.dim}-d vectors, {args.queries} single queries, {args.k}-recall@{args.k} "
           f"vs exact, target {args.target}, threads={args.threads} (build {args.build_threads}), pool={args.pool}")
     results = {}
+    if args.tmp is not None:
+        Path(args.tmp).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for n in args.sizes:
             print(HEADER)
