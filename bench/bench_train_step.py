@@ -239,7 +239,7 @@ def main() -> None:
         return
     names = list(RECIPES) if args.recipes else [
         n for n in OVERHEAD if args.device == "cuda" or args.compile or "compile" not in n]
-    rows, spread = {}, {}
+    runs: dict[str, list[tuple[float, float]]] = {}  # name: (seconds, peak) of each round
     # On a shared 2-core VM the first child process after the parent's imports ran 10-30% slower than
     # the same variant later (the bare loop, always first, read 1.2x slower than the system in the
     # table and 0.98x when the two alternated by hand). So one untimed warm-up child, then rounds in
@@ -259,15 +259,13 @@ def main() -> None:
             continue
         if i == 0:
             continue  # the warm-up
-        seconds, peak = map(float, out.stdout.split()[-2:])
-        spread.setdefault(name, []).append(seconds)
-        best = rows.get(name, (seconds, peak))
-        rows[name] = (min(seconds, best[0]), max(peak, best[1]))
-    rows = {name: rows[name] for name in names if name in rows}
+        runs.setdefault(name, []).append(tuple(map(float, out.stdout.split()[-2:])))
+    rows = {name: (min(s for s, _ in runs[name]), max(p for _, p in runs[name])) for name in names if name in runs}
+    spread = max((max(s for s, _ in r) / min(s for s, _ in r) - 1 for r in runs.values()), default=0)
     memory = "peak GPU MB" if args.device == "cuda" else "peak RSS MB"
     print(f"\ntrain step, {args.size} towers, batch {args.batch}, {args.img}px, {args.device}, "
           f"{torch.get_num_threads()} threads, fastest of {args.rounds} rounds, alternating order "
-          f"(largest spread {max((max(v) / min(v) - 1 for v in spread.values()), default=0):.0%})")
+          f"(largest spread {spread:.0%})")
     if args.recipes:
         base_s, base_peak = rows[names[0]]
         print(f"{'variant':28s} {'ms/step':>9s} {'images/s':>9s} {'vs base':>8s} {memory:>12s} {'vs base':>8s}")
