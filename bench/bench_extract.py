@@ -9,9 +9,14 @@ All in one run, one model (random weights: speed only), one image size:
 - extraction (in memory): `extract_patches` over preprocessed images held in memory - the
   pipeline's own cost (stacking, prefetch thread, copies, records);
 - extraction (scenes source): `extract_patches` over ``scenes:val`` as `tipslab index` reads it,
-  images generated on the fly (the data side included).
+  images generated on the fly (the data side included);
+- extraction (JPEG folder): `tipslab index DIR`'s path over a folder of JPEGs the bench writes
+  first (scenes images, ``--jpeg-size`` px), decoded inline and in ``decode_workers()`` processes.
 
-Ratios are against the bare forward. Nothing here is asserted in tests.
+Ratios are against the bare forward. For the extraction rows, ``data wait`` is the share of the
+time the loop waited for pixels and ``device wait`` for the GPU's forward and copy back
+(`ExtractionStats`): a row far below 1.00 with a large data wait is bound by decoding. Nothing
+here is asserted in tests.
 
     python bench/bench_extract.py                       # tiny model, 112 px, CPU
     python bench/bench_extract.py --size b --image-size 224 --images 2048 --device cuda
@@ -20,7 +25,9 @@ Ratios are against the bare forward. Nothing here is asserted in tests.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -40,10 +47,40 @@ def timed(fn, images: int, repeats: int) -> float:
     return best
 
 
+class NullEncoder(torch.nn.Module):
+    """Patches of the right shape and no compute: what the pipeline costs on its own, the ceiling
+    it sets for a model of any speed."""
+
+    def __init__(self, shape, grid):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the pipeline a device to read
+        self.shape, self.grid = tuple(shape), grid
+
+    def encode_image(self, pixels, dense=True):
+        from types import SimpleNamespace
+
+        patches = self.anchor.expand(pixels.shape[0], *self.shape) + pixels.flatten(1)[:, :1, None]
+        return SimpleNamespace(patches=patches, grid=self.grid)
+
+
+def write_jpegs(folder: Path, count: int, side: int) -> None:
+    """``count`` scenes images as JPEGs (quality 90) of ``side`` px: what a photo folder holds, decoded for real."""
+    from PIL import Image
+
+    from tipslab.datamodules.scenes import ScenesDataset
+    from tipslab.retrieval.extract import _scene_pixels
+
+    dataset = ScenesDataset(split="val", num_images=min(count, 256), image_size=side)
+    for i in range(count):
+        pixels = _scene_pixels(dataset[i % len(dataset)])
+        array = pixels.mul(255).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(array).save(folder / f"{i:07d}.jpg", quality=90)
+
+
 def main() -> None:
     from tipslab.modules.encoder import build_encoder
-    from tipslab.retrieval.extract import SourceImage, extract_patches, open_source
-    from tipslab.retrieval.extract_pipeline import plan_for
+    from tipslab.retrieval.extract import SourceImage, decode_workers, extract_patches, open_source
+    from tipslab.retrieval.extract_pipeline import ExtractionStats, plan_for
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="tiny", help="vision tower size (tiny, s, b, l, ...)")
@@ -53,20 +90,26 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--jpeg-size", type=int, default=None, help="side of the folder's JPEGs (default: --image-size)")
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: decode_workers())")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     cfg = {"vision": {"size": args.size, "img_size": args.image_size, "drop_path_rate": 0.0},
-           "text": {"size": "tiny", "vocab_size": 49408, "context_length": 32},
+           "text": {"size": args.size, "vocab_size": 49408, "context_length": 32},
            "tokenizer": {"kind": "bpe", "path": None, "context_length": 32}, "temperature": 0.07}
     torch.manual_seed(0)
     encoder = build_encoder(cfg).to(args.device).eval()
     plan = plan_for(args.device, args.batch_size)
     bs, n = plan.batch_size, args.images
-    pixels = torch.rand(n, 3, args.image_size, args.image_size)
-    on_device = [pixels[i:i + bs].to(args.device) for i in range(0, n, bs)]
+    # uint8, as a folder source gives them (float on the device, as extraction makes them there)
+    pixels = torch.randint(0, 256, (n, 3, args.image_size, args.image_size), dtype=torch.uint8)
+    on_device = [pixels[i:i + bs].to(args.device).float().div_(255) for i in range(0, n, bs)]
     autocast = dict(device_type=torch.device(args.device).type, dtype=torch.bfloat16, enabled=plan.autocast)
+    with torch.inference_mode():
+        probe = encoder.encode_image(on_device[0][:1], dense=True)
+    null = NullEncoder(probe.patches.shape[1:], probe.grid)
 
     def bare(copy_back: bool):
         with torch.inference_mode(), torch.autocast(**autocast):
@@ -77,21 +120,44 @@ def main() -> None:
 
     images = [SourceImage(key=f"k{i}", path=None, size=(args.image_size,) * 2, pixels=pixels[i]) for i in range(n)]
 
-    def extract(source):
-        for _ in extract_patches(encoder, source, plan=plan, progress=False):
+    last: dict = {}  # the latest extraction's stats and wall time
+
+    def extract(source, model=encoder):
+        stats, start = ExtractionStats(), time.perf_counter()
+        for _ in extract_patches(model, source, plan=plan, progress=False, stats=stats):
             pass
+        last.update(stats=stats, wall=time.perf_counter() - start)
+
+    workers = decode_workers() if args.workers is None else args.workers
+    folder = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    write_jpegs(folder, n, args.jpeg_size or args.image_size)
 
     r = args.repeats
-    rows = [("bare forward", timed(lambda: bare(False), n, r)),
-            ("bare forward + results on host", timed(lambda: bare(True), n, r)),
-            ("extraction (in memory)", timed(lambda: extract(iter(images)), n, r)),
-            ("extraction (scenes source)",
-             timed(lambda: extract(open_source(f"scenes:val:{n}", args.image_size)), n, r))]
     print(f"{args.size} tower, {args.image_size} px, {n} images, batch {bs}, device {args.device} "
           f"({'bf16 autocast' if plan.autocast else 'fp32'}), torch threads {torch.get_num_threads()}")
-    print(f"{'path':<34}{'images/s':>10}{'x bare':>8}")
-    for name, rate in rows:
-        print(f"{name:<34}{rate:>10.1f}{rate / rows[0][1]:>8.2f}")
+    print(f"{'path':<40}{'images/s':>10}{'x bare':>8}{'data wait':>11}{'device wait':>13}", flush=True)
+    runs = [("bare forward", lambda: bare(False)),
+            ("bare forward + results on host", lambda: bare(True)),
+            ("pipeline alone (no model, in memory)", lambda: extract(iter(images), null)),
+            ("extraction (in memory)", lambda: extract(iter(images))),
+            ("extraction (scenes source)", lambda: extract(open_source(f"scenes:val:{n}", args.image_size))),
+            ("extraction (JPEG folder, inline)", lambda: extract(open_source(folder, args.image_size, workers=0)))]
+    if workers:
+        runs.append((f"extraction (JPEG folder, {workers} proc.)",
+                     lambda: extract(open_source(folder, args.image_size, workers=workers))))
+    base = None
+    for name, fn in runs:  # each row as it is measured: a slow data path still leaves the rows before it
+        last.clear()
+        rate = timed(fn, n, r)
+        base = base or rate
+        waits = ""
+        if last:  # shares of the last run's wall time: what bounds the pipeline
+            stats, wall = last["stats"], last["wall"]
+            waits = f"{stats.data_wait_s / wall:>11.0%}{stats.device_wait_s / wall:>13.0%}"
+        print(f"{name:<40}{rate:>10.1f}{rate / base:>8.2f}{waits}", flush=True)
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

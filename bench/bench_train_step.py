@@ -232,6 +232,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also the compiled rows on CPU (slow to compile)")
     parser.add_argument("--recipes", action="store_true", help="the recipes table instead of the overhead table")
     parser.add_argument("--rounds", type=int, default=2, help="runs of every variant, in alternating order; the fastest is kept")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run only these rows (the first is the base)")
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -239,6 +240,11 @@ def main() -> None:
         return
     names = list(RECIPES) if args.recipes else [
         n for n in OVERHEAD if args.device == "cuda" or args.compile or "compile" not in n]
+    if args.only:
+        unknown = [n for n in args.only if n not in names]
+        if unknown:
+            parser.error(f"--only: unknown rows {unknown}; expected some of {names}")
+        names = list(args.only)
     runs: dict[str, list[tuple[float, float]]] = {}  # name: (seconds, peak) of each round
     # On a shared 2-core VM the first child process after the parent's imports ran 10-30% slower than
     # the same variant later (the bare loop, always first, read 1.2x slower than the system in the

@@ -61,13 +61,23 @@ class Preprocessing:
         return int(self.image_size)
 
     def __call__(self, image) -> torch.Tensor:
-        pixels = as_uint8_tensor(image)
+        return self.uint8(image).float().div_(255.0)
+
+    def uint8(self, image) -> torch.Tensor:
+        """The same pixels as uint8 ``[3, S, S]`` (0-255): a quarter of the bytes to move between
+        processes and to the GPU; ``pixels.float() / 255`` there is `__call__`'s result."""
         size = int(self.image_size)
+        resample = Image.Resampling.BICUBIC if self.interpolation == "bicubic" else Image.Resampling.BILINEAR
+        if isinstance(image, Image.Image):  # resized as it is: a tensor round trip first cost more than the decode
+            rgb = to_rgb(image)
+            if rgb.size != (size, size):
+                rgb = rgb.resize((size, size), resample)
+            return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+        pixels = as_uint8_tensor(image)
         if tuple(pixels.shape[-2:]) != (size, size):
-            resample = Image.Resampling.BICUBIC if self.interpolation == "bicubic" else Image.Resampling.BILINEAR
             pil = Image.fromarray(pixels.permute(1, 2, 0).numpy())
             pixels = torch.from_numpy(np.array(pil.resize((size, size), resample))).permute(2, 0, 1)
-        return pixels.float().div_(255.0)
+        return pixels
 
     def region(self, image, box: tuple[float, float, float, float]) -> torch.Tensor:
         """The box ``(x0, y0, x1, y1)`` (pixels of ``image``, x1/y1 exclusive) preprocessed as an image."""

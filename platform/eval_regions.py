@@ -51,7 +51,7 @@ def evaluate_regions(loaded, *, num_images: int, image_size: int, seed: int, fac
     was_training = encoder.training
     encoder.eval()
     spec = f"scenes:val:{num_images}"
-    source = open_source(spec, image_size, scenes_seed=seed)
+    source = open_source(spec, image_size, scenes_seed=seed, workers=0)  # a few scenes, maybe mid-training: no processes
     records = list(extract_patches(encoder, source, feature="dense", batch_size=16, total=num_images, progress=False))
     val = ScenesDataset("val", num_images=num_images, image_size=image_size, seed=seed)
     truth: dict[str, dict[str, list]] = {}

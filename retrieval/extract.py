@@ -35,7 +35,7 @@ class SourceImage:
     key: str  # unique within an index: absolute file path, or "scenes:val/000003"
     path: str | None  # the image file to show in overlays; None for generated images
     size: tuple[int, int]  # original (width, height)
-    pixels: torch.Tensor  # [3, S, S] float32 in [0, 1]
+    pixels: torch.Tensor  # [3, S, S]: float32 in [0, 1], or uint8 0-255 (a folder's: / 255 on the device)
     position: int | None = None  # the image's place in the whole source (sharded extraction merges by it)
 
 
@@ -78,9 +78,8 @@ def _listing(keys: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
-def _folder_source(folder: Path, image_size: int, shard: tuple[int, int]) -> ImageSource:
+def _folder_source(folder: Path, image_size: int, shard: tuple[int, int], workers: int) -> ImageSource:
     from tipslab.datamodules.image_folder import ImageFolder
-    from tipslab.datamodules.image_io import image_size as upright_size
 
     dataset = ImageFolder(str(folder), image_size)
     rank, world = shard
@@ -91,26 +90,37 @@ def _folder_source(folder: Path, image_size: int, shard: tuple[int, int]) -> Ima
     where = dict(zip(map(str, dataset.paths), positions))
 
     def generate():
-        for path, pixels in dataset:
-            position = where[str(path)]
-            path = os.path.abspath(str(path))
-            try:
-                # The header only, EXIF rotation applied: the upright size maps patch boxes back.
-                size = upright_size(path)
-            except OSError as err:  # readable a moment ago; treat as unreadable now
-                source.skipped.append({"path": path, "reason": f"cannot read image size: {err}"})
-                continue
-            yield SourceImage(key=path, path=path, size=(int(size[0]), int(size[1])), pixels=pixels, position=position)
-        errors = getattr(dataset, "errors", {})
-        source.skipped.extend({"path": os.path.abspath(p), "reason": errors.get(p, "unreadable")}
-                              for p in getattr(dataset, "skipped", []))
+        for image in dataset.read(workers):
+            path = os.path.abspath(image.path)
+            yield SourceImage(key=path, path=path, size=image.size, pixels=image.pixels, position=where[image.path])
+        source.skipped.extend({"path": os.path.abspath(p), "reason": dataset.errors.get(p, "unreadable")}
+                              for p in dataset.skipped)
 
     source.images = generate()
     return source
 
 
+def decode_workers(world: int = 1) -> int:
+    """Decoding processes per extracting process: none on a CPU (the forward pass needs the cores
+    and is far slower than decoding), up to 8 on a GPU machine, sharing the cores among ``world``."""
+    if not torch.cuda.is_available():
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) // max(world, 1) - 1))
+
+
+class _SceneRange:
+    """Scenes ``mine[start:stop]`` drawn and stacked (picklable: it runs in decoding processes)."""
+
+    def __init__(self, dataset, mine: range):
+        self.dataset, self.mine = dataset, mine
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        return torch.stack([_scene_pixels(self.dataset[i]) for i in self.mine[start:stop]])
+
+
 def _scenes_source(spec: str, split: str, count: int, image_size: int, seed: int | None,
-                   shard: tuple[int, int]) -> ImageSource:
+                   shard: tuple[int, int], workers: int) -> ImageSource:
+    from tipslab.datamodules.ordered_chunks import ordered_chunks
     from tipslab.datamodules.scenes import ScenesDataset
 
     kwargs = {} if seed is None else {"seed": seed}
@@ -119,10 +129,12 @@ def _scenes_source(spec: str, split: str, count: int, image_size: int, seed: int
     keys = [f"scenes:{split}/{i:06d}" for i in mine]
 
     def generate():
-        for i, key in zip(mine, keys):
-            pixels = _scene_pixels(dataset[i])
-            yield SourceImage(key=key, path=None, size=(int(pixels.shape[-1]), int(pixels.shape[-2])), pixels=pixels,
-                              position=i)
+        places = iter(zip(mine, keys))
+        for stacked in ordered_chunks(_SceneRange(dataset, mine), len(mine), workers):
+            for pixels in stacked:
+                i, key = next(places)
+                yield SourceImage(key=key, path=None, size=(int(pixels.shape[-1]), int(pixels.shape[-2])),
+                                  pixels=pixels, position=i)
 
     return ImageSource(spec=spec, images=generate(), count=len(mine), listing=_listing(keys))
 
@@ -162,12 +174,14 @@ def check_source(spec: str | os.PathLike) -> tuple[str, str, int | None]:
 
 
 def open_source(spec: str | os.PathLike, image_size: int, *, scenes_count: int | None = None,
-                scenes_seed: int | None = None, shard: tuple[int, int] = (0, 1)) -> ImageSource:
+                scenes_seed: int | None = None, shard: tuple[int, int] = (0, 1),
+                workers: int | None = None) -> ImageSource:
     """The image source named by ``spec``: a folder of images, or ``scenes:val[:N]``.
 
     ``scenes_count`` applies to a bare ``scenes:val`` (default 64); ``scenes:val:N`` wins.
     ``shard=(rank, world)`` keeps images rank, rank + world, ... of the whole source (each
-    `SourceImage.position` is its place in the whole source).
+    `SourceImage.position` is its place in the whole source). ``workers`` decode a folder's
+    images (or draw the scenes) in that many processes (None: `decode_workers`).
     """
     from tipslab.datamodules.preprocess import Preprocessing
 
@@ -175,11 +189,12 @@ def open_source(spec: str | os.PathLike, image_size: int, *, scenes_count: int |
     if not 0 <= rank < world:
         raise TipslabError(f"shard: expected 0 <= rank < world size, got rank {rank} of {world}")
     kind, where, count = check_source(spec)
+    workers = decode_workers(world) if workers is None else workers
     if kind == "scenes":
         source = _scenes_source(str(spec), where, count or scenes_count or DEFAULT_SCENES_COUNT, image_size, scenes_seed,
-                                shard)
+                                shard, workers)
     else:
-        source = _folder_source(Path(where), image_size, shard)
+        source = _folder_source(Path(where), image_size, shard, workers)
     source.preprocessing = Preprocessing(image_size).describe()
     return source
 
@@ -226,12 +241,13 @@ def _uniform_batches(images: Iterable[SourceImage], batch_size: int) -> Iterator
 
 def extract_patches(encoder, images: Iterable[SourceImage], *, feature: str = "dense", batch_size: int | None = None,
                     total: int | None = None, progress: bool = True, desc: str = "extract",
-                    plan=None) -> Iterator[PatchRecord]:
+                    plan=None, stats=None) -> Iterator[PatchRecord]:
     """Run the encoder over ``images`` in batches; one `PatchRecord` per image, in source order.
 
     How batches run (bf16, pinned buffers, overlap; batch size when ``batch_size`` is None) is
     `extract_pipeline.plan_for` the encoder's device unless ``plan`` says otherwise. On a GPU the
-    vectors come back as float16 (what the index stores); on a CPU as float32.
+    vectors come back as float16 (what the index stores); on a CPU as float32. ``stats``, an
+    `extract_pipeline.ExtractionStats`, is filled with where the time went.
     """
     from tqdm.auto import tqdm
 
@@ -247,7 +263,7 @@ def extract_patches(encoder, images: Iterable[SourceImage], *, feature: str = "d
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
     try:
         for batch, patches, grid in run_batches(encoder, _uniform_batches(images, plan.batch_size), plan,
-                                                dense=feature == "dense"):
+                                                dense=feature == "dense", stats=stats):
             if patches.shape[1] != grid[0] * grid[1]:
                 raise TipslabError(f"encoder: {patches.shape[1]} patch tokens do not fill its grid {grid}")
             vectors = patches.numpy()

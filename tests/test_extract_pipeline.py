@@ -67,3 +67,55 @@ def test_errors_in_the_stream_surface_and_stop_the_prefetch(encoder):
     stream = extract_patches(encoder, iter(images(40)), batch_size=2, progress=False)
     assert next(stream).image.key == "k0"
     stream.close()
+
+
+def test_a_folder_decoded_in_worker_processes_gives_the_same_records(encoder, tmp_path):
+    from PIL import Image
+
+    from tipslab.retrieval.extract import open_source
+
+    generator = np.random.default_rng(3)
+    for i, size in enumerate([(120, 90), (64, 64), (200, 150), (90, 120), (50, 80)]):
+        Image.fromarray(generator.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "2b.png").write_bytes(b"not a png")
+    runs = []
+    for workers in (0, 2):
+        source = open_source(tmp_path, 112, shard=(1, 2), workers=workers)
+        with pytest.warns(UserWarning, match="2b.png"):
+            records = list(extract_patches(encoder, source, batch_size=2, progress=False))
+        runs.append((records, source.skipped))
+    (here, skipped_here), (there, skipped_there) = runs
+    # Sorted: 0 1 2 2b 3 4; rank 1 of 2 keeps places 1, 3, 5: 1.png, 2b.png (unreadable), 4.png.
+    assert [(r.image.key, r.image.size, r.image.position) for r in there] == \
+        [(r.image.key, r.image.size, r.image.position) for r in here] == \
+        [(str(tmp_path / "1.png"), (64, 64), 1), (str(tmp_path / "4.png"), (50, 80), 5)]
+    np.testing.assert_allclose(np.stack([r.vectors for r in there]), np.stack([r.vectors for r in here]), atol=1e-6)
+    assert skipped_here == skipped_there == [{"path": str(tmp_path / "2b.png"), "reason": skipped_here[0]["reason"]}]
+
+
+def test_scenes_drawn_in_worker_processes_are_the_scenes_drawn_here():
+    from tipslab.retrieval.extract import open_source
+
+    here = list(open_source("scenes:val:21", 56, shard=(2, 3), workers=0))
+    there = list(open_source("scenes:val:21", 56, shard=(2, 3), workers=2))
+    assert [(i.key, i.position) for i in there] == [(i.key, i.position) for i in here]
+    assert [i.position for i in here] == list(range(2, 21, 3))
+    assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(here, there))
+    assert len({float(i.pixels.sum()) for i in here}) == len(here)  # different scenes, not one repeated
+
+
+def test_stats_count_the_batches_and_the_wait_for_a_slow_source(encoder):
+    import time
+
+    from tipslab.retrieval.extract_pipeline import ExtractionStats
+
+    def slow(source):
+        for image in source:
+            time.sleep(0.05)  # a decoder slower than the model
+            yield image
+
+    stats = ExtractionStats()
+    records = list(extract_patches(encoder, slow(images(6)), batch_size=4, progress=False, stats=stats))
+    assert len(records) == 6 and (stats.batches, stats.images) == (2, 6)
+    # 0.3 s of decoding, of which the forward of two small batches hides little: most is waiting.
+    assert 0.1 < stats.data_wait_s < 5 and stats.device_wait_s == 0.0  # the CPU forward runs inline

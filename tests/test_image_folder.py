@@ -66,3 +66,22 @@ def test_empty_or_missing_folder_names_folder_and_extensions(tmp_path):
 def test_image_size_must_be_a_patch_multiple(folder):
     with pytest.raises(TipslabError, match="multiple of the patch size 14"):
         ImageFolder(folder, 100)
+
+
+def test_worker_processes_decode_the_same_images_in_the_same_order(folder):
+    """`tipslab index` on a GPU decodes in DataLoader workers: same pixels, sizes, order and skips as inline."""
+    (folder / "sub" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    Image.new("RGB", (30, 12), (9, 9, 9)).save(folder / "z_wide.png")
+    inline, parallel = ImageFolder(folder, 14), ImageFolder(folder, 14)
+    with pytest.warns(UserWarning):
+        here = list(inline.read(workers=0))
+    with pytest.warns(UserWarning, match="broken.png"):
+        there = list(parallel.read(workers=2))
+    assert [i.path for i in there] == [i.path for i in here] and len(here) == 5
+    assert [i.size for i in there] == [i.size for i in here]
+    assert here[-1].size == (30, 12)
+    for a, b in zip(here, there):
+        assert a.pixels.dtype == torch.uint8 and torch.equal(a.pixels, b.pixels)
+    assert torch.equal(here[0].pixels.float() / 255, inline.load(0))  # uint8 / 255 is the float image
+    assert parallel.skipped == inline.skipped == [str(folder / "sub" / "broken.png")]
+    assert parallel.counts.take() == inline.counts.take()

@@ -114,7 +114,7 @@ def test_embed_index_api_and_eval_view_give_the_same_tensor(tmp_path):
     assert source.preprocessing == Preprocessing(size).describe()
     assert [s["path"] for s in source.skipped] == [str(folder / "e_bad.jpg"), str(folder / "f_bomb.png")]
     for path, pixels in zip(embed_paths, embed_pixels):
-        torch.testing.assert_close(indexed[str(path)].pixels, pixels, rtol=0, atol=0)
+        torch.testing.assert_close(indexed[str(path)].pixels.float() / 255, pixels, rtol=0, atol=0)
         upright = read_image(path)
         assert indexed[str(path)].size == upright.size  # EXIF-rotated: the upright size
         torch.testing.assert_close(Resize(size)(upright)[0], pixels, rtol=0, atol=0)  # training's eval view
