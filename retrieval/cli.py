@@ -24,6 +24,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {value}")
+    return value
+
+
 def _unit_float(text: str) -> float:
     try:
         value = float(text)
@@ -66,6 +76,9 @@ def add_index_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=_positive_int, default=1, metavar="N",
                         help="extract with N processes (rank r takes images r, r+N, ...; one GPU each when present), "
                              "merged into one index; under torchrun the world size sets this (default 1)")
+    parser.add_argument("--decode-workers", type=_non_negative_int, default=None, metavar="N",
+                        help="processes decoding images for each extraction process (default: up to 8 with a "
+                             "GPU, sharing the cores among --workers; 0 on a CPU, where the model needs the cores)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     mode.add_argument("--add", action="store_true",
@@ -124,7 +137,7 @@ def run_index(args) -> int:
     build = {"factory": args.factory, "feature": args.feature, "batch_size": args.batch_size,
              "overwrite": args.overwrite, "image_size": args.image_size, "scenes_count": args.scenes_val,
              "device": args.device, "progress": progress, "bytes_per_vector": args.bytes_per_vector,
-             "recall_target": args.recall_target, "pool": args.pool}
+             "recall_target": args.recall_target, "pool": args.pool, "decode_workers": args.decode_workers}
     if distributed:
         index = build_index_torchrun(args.model_path, args.source, args.out, **build)
         if index is None:  # rank 0 merges and reports
@@ -142,7 +155,7 @@ def run_index(args) -> int:
             raise TipslabError(f"--feature {args.feature}: the index at {args.out} holds {index.feature!r} features")
         _check_same_model(args.model_path, index)
         counts = index.add(args.source, batch_size=args.batch_size, progress=progress,
-                           scenes_count=args.scenes_val)
+                           scenes_count=args.scenes_val, decode_workers=args.decode_workers)
         print(f"added {counts['added']} image(s) to {index.path} ({counts['already_indexed']} already indexed, "
               f"{counts['skipped']} unreadable skipped)")
     else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,7 +252,7 @@ def extract_patches(encoder, images: Iterable[SourceImage], *, feature: str = "d
     """
     from tqdm.auto import tqdm
 
-    from tipslab.retrieval.extract_pipeline import plan_for, run_batches
+    from tipslab.retrieval.extract_pipeline import ExtractionStats, plan_for, run_batches
 
     if feature not in FEATURES:
         raise TipslabError(f"feature: expected one of {FEATURES}, got {feature!r}")
@@ -261,6 +262,8 @@ def extract_patches(encoder, images: Iterable[SourceImage], *, feature: str = "d
     was_training = encoder.training
     encoder.eval()
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
+    stats = stats if stats is not None else ExtractionStats()
+    started = time.perf_counter()
     try:
         for batch, patches, grid in run_batches(encoder, _uniform_batches(images, plan.batch_size), plan,
                                                 dense=feature == "dense", stats=stats):
@@ -270,6 +273,9 @@ def extract_patches(encoder, images: Iterable[SourceImage], *, feature: str = "d
             for i, img in enumerate(batch):
                 yield PatchRecord(image=img, grid=grid, vectors=np.ascontiguousarray(vectors[i]))
             bar.update(len(batch))
+            if progress:  # a large share says decoding is the bottleneck (`tipslab index --decode-workers`)
+                share = stats.data_wait_s / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix_str(f"waiting for images {share:.0%}", refresh=False)
     finally:
         bar.close()
         encoder.train(was_training)

@@ -239,7 +239,7 @@ class IndexDirectory:
     # -- adding
 
     def add(self, source, *, batch_size: int | None = None, progress: bool = True, loaded=None,
-            scenes_count: int | None = None) -> dict:
+            scenes_count: int | None = None, decode_workers: int | None = None) -> dict:
         """Append the images of ``source`` that are not indexed yet (by key); returns counts.
 
         New images get the next image ids and vector ids; IVF centroids stay as trained. The
@@ -248,7 +248,7 @@ class IndexDirectory:
         with self._writing():
             if loaded is None:
                 loaded = self.load_model()
-            src = open_source(source, self.image_size, scenes_count=scenes_count)
+            src = open_source(source, self.image_size, scenes_count=scenes_count, workers=decode_workers)
             known = self._live_keys()
             already = 0
 

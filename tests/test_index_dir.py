@@ -217,7 +217,8 @@ def test_folder_index_skips_and_counts_unreadable_images(tiny_model, tmp_path, c
     assert images["grid_h"].to_list() == [8, 8]
     # --add of the same folder, now with one more image: only the new one is encoded
     Image.new("RGB", (50, 50), (30, 30, 200)).save(photos / "new.png")
-    assert run_cli("index", tiny_model, photos, "--out", tmp_path / "idx", "--add", "--quiet") == 0
+    assert run_cli("index", tiny_model, photos, "--out", tmp_path / "idx", "--add", "--decode-workers", "1",
+                   "--quiet") == 0
     assert "added 1 image(s)" in capsys.readouterr().out
     index = IndexDirectory.open(tmp_path / "idx")
     assert index.num_images == 3 and index.manifest["counts"]["skipped"] == 1  # broken.png listed once

@@ -74,8 +74,9 @@ def test_folder_with_an_unreadable_file_merges_in_source_order(tiny_model, tmp_p
         Image.fromarray(rng.integers(0, 255, (40 + 3 * i, 50, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
     (folder / "p3.png").write_bytes(b"not a png")  # rank 1's second image (items 1, 3, 5)
     assert cli("index", tiny_model, folder, "--out", tmp_path / "one", "--factory", "Flat", "--quiet") == 0
+    # Each of the 3 extraction processes decodes in 2 processes of its own: the same index.
     assert cli("index", tiny_model, folder, "--out", tmp_path / "three", "--factory", "Flat", "--workers", "3",
-               "--quiet") == 0
+               "--decode-workers", "2", "--quiet") == 0
     merged, single = IndexDirectory.open(tmp_path / "three"), IndexDirectory.open(tmp_path / "one")
     assert_same_index(merged, single)
     assert [e["path"] for e in merged.manifest["skipped"]] == [str(folder / "p3.png")]
