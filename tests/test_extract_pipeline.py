@@ -119,3 +119,23 @@ def test_stats_count_the_batches_and_the_wait_for_a_slow_source(encoder):
     assert len(records) == 6 and (stats.batches, stats.images) == (2, 6)
     # 0.3 s of decoding, of which the forward of two small batches hides little: most is waiting.
     assert 0.1 < stats.data_wait_s < 5 and stats.device_wait_s == 0.0  # the CPU forward runs inline
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA plan (copy stream, pinned buffers) needs a GPU")
+def test_on_a_gpu_many_batches_of_uint8_come_back_in_order_and_close_to_the_cpu(encoder):
+    # The copy stream hands batch i out while i+1 computes: a race would mix batches up here.
+    generator = torch.Generator().manual_seed(2)
+    source = [SourceImage(key=f"k{i}", path=None, size=(112, 112),
+                          pixels=torch.randint(0, 256, (3, 112, 112), dtype=torch.uint8, generator=generator))
+              for i in range(37)]
+    gpu = encoder.to("cuda")
+    try:
+        plan = plan_for("cuda", 4)
+        assert (plan.autocast, plan.pinned, plan.host_dtype) == (True, True, torch.float16)
+        records = list(extract_patches(gpu, iter(source), plan=plan, progress=False))
+    finally:
+        encoder.to("cpu")
+    assert [r.image.key for r in records] == [s.key for s in source]
+    expected = embed_images(encoder, torch.stack([s.pixels for s in source]).float() / 255)[0].numpy()
+    got = np.stack([r.vectors for r in records]).astype(np.float32)
+    assert ((got * expected).sum(-1) / np.linalg.norm(got, axis=-1)).min() > 0.98
