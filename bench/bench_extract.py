@@ -11,7 +11,8 @@ All in one run, one model (random weights: speed only), one image size:
 - extraction (scenes source): `extract_patches` over ``scenes:val`` as `tipslab index` reads it,
   images generated on the fly (the data side included);
 - extraction (JPEG folder): `tipslab index DIR`'s path over a folder of JPEGs the bench writes
-  first (scenes images, ``--jpeg-size`` px), decoded inline and in ``decode_workers()`` processes.
+  first (scenes images, ``--jpeg-size`` px), decoded inline and in ``decode_workers()`` processes,
+  at full size and reduced (``tipslab index --decode reduced``: DCT-scaled when twice the input size).
 
 Ratios are against the bare forward. For the extraction rows, ``data wait`` is the share of the
 time the loop waited for pixels and ``device wait`` for the GPU's forward and copy back
@@ -141,10 +142,14 @@ def main() -> None:
             ("pipeline alone (no model, in memory)", lambda: extract(iter(images), null)),
             ("extraction (in memory)", lambda: extract(iter(images))),
             ("extraction (scenes source)", lambda: extract(open_source(f"scenes:val:{n}", args.image_size))),
-            ("extraction (JPEG folder, inline)", lambda: extract(open_source(folder, args.image_size, workers=0)))]
+            ("extraction (JPEG folder, inline)", lambda: extract(open_source(folder, args.image_size, workers=0))),
+            ("  the same, reduced decode", lambda: extract(open_source(folder, args.image_size, workers=0,
+                                                                         decode="reduced")))]
     if workers:
         runs.append((f"extraction (JPEG folder, {workers} proc.)",
                      lambda: extract(open_source(folder, args.image_size, workers=workers))))
+        runs.append(("  the same, reduced decode",
+                     lambda: extract(open_source(folder, args.image_size, workers=workers, decode="reduced"))))
     base = None
     for name, fn in runs:  # each row as it is measured: a slow data path still leaves the rows before it
         last.clear()

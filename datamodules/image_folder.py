@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from tipslab.datamodules.image_io import IMAGE_EXTENSIONS, UnreadableImage, is_image_file, read_image
+from tipslab.datamodules.image_io import IMAGE_EXTENSIONS, UnreadableImage, is_image_file
 from tipslab.datamodules.ordered_chunks import ordered_chunks
 from tipslab.datamodules.preprocess import Preprocessing
 from tipslab.datamodules.sample_quality import SkipCounter
@@ -62,11 +62,11 @@ class FolderImage:
 class ImageFolder(torch.utils.data.Dataset):
     """``for path, pixels in ImageFolder(dir, 224)``; ``dataset[i]`` raises `CorruptSample` instead."""
 
-    def __init__(self, path: str | os.PathLike, image_size: int = 224, recursive: bool = True):
+    def __init__(self, path: str | os.PathLike, image_size: int = 224, recursive: bool = True, decode: str = "full"):
         self.root = Path(path)
         self.paths = list_images(self.root, recursive)
         self.image_size = check_image_size(image_size)
-        self.preprocessing = Preprocessing(self.image_size)
+        self.preprocessing = Preprocessing(self.image_size, decode=decode)
         self.skipped: list[str] = []
         self.errors: dict[str, str] = {}
         self.counts = SkipCounter()
@@ -75,7 +75,7 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.paths)
 
     def load(self, index: int, conversions: list[str] | None = None) -> torch.Tensor:
-        return self.preprocessing(read_image(self.paths[index], conversions=conversions))
+        return self.preprocessing(self.preprocessing.read(self.paths[index], conversions)[0])
 
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor]:
         return str(self.paths[index]), self.load(index)
@@ -110,10 +110,10 @@ class ImageFolder(torch.utils.data.Dataset):
         for index in range(start, stop):
             conversions: list[str] = []
             try:
-                image = read_image(self.paths[index], conversions=conversions)
+                image, full_size = self.preprocessing.read(self.paths[index], conversions)
             except UnreadableImage as err:
                 outcomes.append((index, ("unreadable", err.kind, str(err))))
                 continue
             pixels.append(self.preprocessing.uint8(image))
-            outcomes.append((index, ("ok", (int(image.size[0]), int(image.size[1])), conversions)))
+            outcomes.append((index, ("ok", full_size, conversions)))
         return outcomes, torch.stack(pixels) if pixels else None

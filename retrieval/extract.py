@@ -79,10 +79,10 @@ def _listing(keys: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
-def _folder_source(folder: Path, image_size: int, shard: tuple[int, int], workers: int) -> ImageSource:
+def _folder_source(folder: Path, image_size: int, shard: tuple[int, int], workers: int, decode: str) -> ImageSource:
     from tipslab.datamodules.image_folder import ImageFolder
 
-    dataset = ImageFolder(str(folder), image_size)
+    dataset = ImageFolder(str(folder), image_size, decode=decode)
     rank, world = shard
     positions = range(rank, len(dataset.paths), world)
     dataset.paths = dataset.paths[rank::world]  # this process's share, listed before anything is decoded
@@ -176,13 +176,14 @@ def check_source(spec: str | os.PathLike) -> tuple[str, str, int | None]:
 
 def open_source(spec: str | os.PathLike, image_size: int, *, scenes_count: int | None = None,
                 scenes_seed: int | None = None, shard: tuple[int, int] = (0, 1),
-                workers: int | None = None) -> ImageSource:
+                workers: int | None = None, decode: str = "full") -> ImageSource:
     """The image source named by ``spec``: a folder of images, or ``scenes:val[:N]``.
 
     ``scenes_count`` applies to a bare ``scenes:val`` (default 64); ``scenes:val:N`` wins.
     ``shard=(rank, world)`` keeps images rank, rank + world, ... of the whole source (each
     `SourceImage.position` is its place in the whole source). ``workers`` decode a folder's
-    images (or draw the scenes) in that many processes (None: `decode_workers`).
+    images (or draw the scenes) in that many processes (None: `decode_workers`). ``decode``:
+    `Preprocessing.decode` of a folder's images ("reduced": large JPEGs decoded smaller first).
     """
     from tipslab.datamodules.preprocess import Preprocessing
 
@@ -191,12 +192,13 @@ def open_source(spec: str | os.PathLike, image_size: int, *, scenes_count: int |
         raise TipslabError(f"shard: expected 0 <= rank < world size, got rank {rank} of {world}")
     kind, where, count = check_source(spec)
     workers = decode_workers(world) if workers is None else workers
+    preprocessing = Preprocessing(image_size, decode=decode)  # checks ``decode`` before any image is read
     if kind == "scenes":
         source = _scenes_source(str(spec), where, count or scenes_count or DEFAULT_SCENES_COUNT, image_size, scenes_seed,
                                 shard, workers)
     else:
-        source = _folder_source(Path(where), image_size, shard, workers)
-    source.preprocessing = Preprocessing(image_size).describe()
+        source = _folder_source(Path(where), image_size, shard, workers, decode)
+    source.preprocessing = preprocessing.describe()
     return source
 
 

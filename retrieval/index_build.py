@@ -72,7 +72,7 @@ def build_index(model_path, source, out_dir, factory: str = "Flat", feature: str
                 overwrite: bool = False, *, image_size: int | None = None, scenes_count: int | None = None,
                 train_size: int | None = None, device: str | None = None, progress: bool = True,
                 loaded=None, seed: int = 0, bytes_per_vector: float | None = None, recall_target: float = DEFAULT_TARGET,
-                pool: int = 1, decode_workers: int | None = None):
+                pool: int = 1, decode_workers: int | None = None, decode: str = "full"):
     """Index every image of ``source`` (a folder or ``scenes:val[:N]``) into a new directory.
 
     ``loaded`` is an already loaded model for ``model_path`` (saves loading it twice in one
@@ -94,7 +94,7 @@ def build_index(model_path, source, out_dir, factory: str = "Flat", feature: str
     dim = encoder_dim(loaded.encoder)
     if dim is not None and factory != AUTO:
         new_faiss_index(factory, dim)  # fail on a bad factory before minutes of extraction
-    src = open_source(source, size, scenes_count=scenes_count, workers=decode_workers)
+    src = open_source(source, size, scenes_count=scenes_count, workers=decode_workers, decode=decode)
     records = extract_patches(loaded.encoder, src, feature=feature, batch_size=batch_size,
                               total=len(src) or None, progress=progress, desc=f"index {out.name}")
     return write_index(records, out, factory=factory, feature=feature, image_size=size, source=src,

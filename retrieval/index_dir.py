@@ -248,7 +248,10 @@ class IndexDirectory:
         with self._writing():
             if loaded is None:
                 loaded = self.load_model()
-            src = open_source(source, self.image_size, scenes_count=scenes_count, workers=decode_workers)
+            # Decoded as the index's images were, so old and new vectors agree (indexes before "decode": full).
+            decode = self.manifest["preprocessing"].get("decode", "full")
+            src = open_source(source, self.image_size, scenes_count=scenes_count, workers=decode_workers,
+                              decode=decode)
             known = self._live_keys()
             already = 0
 

@@ -59,7 +59,7 @@ def rank_device(device: str | None, local_rank: int) -> str:
 def extract_share(model_path, source, out, rank: int, world: int, *, feature: str = "dense",
                   batch_size: int | None = None, image_size: int | None = None, scenes_count: int | None = None,
                   device: str = "cpu", progress: bool = True, factory: str = AUTO,
-                  decode_workers: int | None = None) -> dict:
+                  decode_workers: int | None = None, decode: str = "full") -> dict:
     """Extract this rank's share of ``source`` for the index at ``out`` (reused if already finished)."""
     from tipslab.modules.api import load_model
 
@@ -71,7 +71,8 @@ def extract_share(model_path, source, out, rank: int, world: int, *, feature: st
     dim = encoder_dim(loaded.encoder)
     if dim is not None and factory != AUTO:
         new_faiss_index(factory, dim)  # fail on a bad factory before minutes of extraction
-    src = open_source(source, size, scenes_count=scenes_count, shard=(rank, world), workers=decode_workers)
+    src = open_source(source, size, scenes_count=scenes_count, shard=(rank, world), workers=decode_workers,
+                      decode=decode)
     share = {"spec": src.spec, "rank": rank, "world": world, "listing": src.listing,
              "model_sha256": identity.get("sha256"), "feature": feature, "image_size": size}
     folder = share_dir(staging_dir(out), rank, world)
@@ -112,7 +113,7 @@ def merge_shares(model_path, out, world: int, *, factory: str = AUTO, overwrite:
 def build_index_sharded(model_path, source, out_dir, workers: int, *, factory: str = AUTO, feature: str = "dense",
                         batch_size: int | None = None, overwrite: bool = False, image_size: int | None = None,
                         scenes_count: int | None = None, device: str | None = None, progress: bool = True,
-                        decode_workers: int | None = None, **write_kwargs):
+                        decode_workers: int | None = None, decode: str = "full", **write_kwargs):
     """`build_index` with ``workers`` local extraction processes, merged into one index."""
     import multiprocessing
 
@@ -123,7 +124,7 @@ def build_index_sharded(model_path, source, out_dir, workers: int, *, factory: s
     check_source(source)
     model_identity(model_path)  # a missing model fails here, once, not in every worker
     extract = {"feature": feature, "batch_size": batch_size, "image_size": image_size, "scenes_count": scenes_count,
-               "progress": progress, "factory": factory, "decode_workers": decode_workers}
+               "progress": progress, "factory": factory, "decode_workers": decode_workers, "decode": decode}
     context = multiprocessing.get_context("spawn")  # fork would copy this process's threads and CUDA state
     processes = [context.Process(target=_local_rank_main, name=f"tipslab-index-rank-{rank}",
                                  args=(model_path, source, str(out), rank, workers, device, extract))
@@ -163,7 +164,7 @@ def _local_rank_main(model_path, source, out: str, rank: int, world: int, device
 def build_index_torchrun(model_path, source, out_dir, *, factory: str = AUTO, feature: str = "dense",
                          batch_size: int | None = None, overwrite: bool = False, image_size: int | None = None,
                          scenes_count: int | None = None, device: str | None = None, progress: bool = True,
-                         decode_workers: int | None = None, **write_kwargs):
+                         decode_workers: int | None = None, decode: str = "full", **write_kwargs):
     """This process's part of a torchrun build: extract its share; rank 0 then waits for the
     others and merges. Returns the index on rank 0, None elsewhere."""
     rank, world, local_rank = torchrun_rank()
@@ -172,7 +173,7 @@ def build_index_torchrun(model_path, source, out_dir, *, factory: str = AUTO, fe
         check_out(out, overwrite)
     extract_share(model_path, source, out, rank, world, feature=feature, batch_size=batch_size, image_size=image_size,
                   scenes_count=scenes_count, device=rank_device(device, local_rank), progress=progress and rank == 0,
-                  factory=factory, decode_workers=decode_workers)
+                  factory=factory, decode_workers=decode_workers, decode=decode)
     if rank != 0:
         return None
     staging = staging_dir(out)

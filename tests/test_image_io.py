@@ -13,6 +13,7 @@ from tipslab.datamodules.image_io import UnreadableImage, image_size, read_image
 from tipslab.datamodules.preprocess import Preprocessing
 from tipslab.datamodules.sample_quality import SkipCounter
 from tipslab.datamodules.transforms import Resize
+from tipslab.errors import TipslabError
 
 
 @pytest.mark.parametrize("make, conversion", [
@@ -140,3 +141,42 @@ def test_image_folder_counts_by_kind(tmp_path):
         got = [path for path, _ in dataset]
     assert len(got) == 4 and dataset.counts.skipped == {"truncated": 1, "too_large": 1}
     assert dataset.counts.converted["high_bit_depth"] == 1 and dataset.counts.converted["exif_rotated"] == 1
+
+
+def _smooth_photo(width, height):
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    pixels = np.stack([127 + 100 * np.sin(xs / 37 + c) * np.cos(ys / 23 - c) for c in (0.0, 1.0, 2.0)], -1)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def test_reduced_decode_reads_a_large_jpeg_smaller_with_its_full_upright_size(tmp_path):
+    photo = _smooth_photo(600, 460)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: upright it is 460 x 600
+    photo.save(tmp_path / "big.jpg", quality=95, exif=exif)
+    photo.save(tmp_path / "big.png")
+    full, reduced = Preprocessing(112), Preprocessing(112, decode="reduced")
+    image, size = reduced.read(tmp_path / "big.jpg")
+    assert size == (460, 600) and image.size == (115, 150)  # 1/4 by DCT scaling: both sides still >= 112
+    assert full.read(tmp_path / "big.jpg")[0].size == (460, 600)
+    a, b = full.uint8(full.read(tmp_path / "big.jpg")[0]), reduced.uint8(image)
+    difference = (a.int() - b.int()).abs().float()
+    assert not torch.equal(a, b) and difference.mean() < 3  # the same picture, a little different
+    # Only JPEGs decode smaller; a PNG is read in full either way, and a small JPEG too.
+    png_image, png_size = reduced.read(tmp_path / "big.png")
+    assert png_image.size == png_size == (600, 460)
+    photo.resize((200, 150)).save(tmp_path / "small.jpg", quality=95)
+    assert reduced.read(tmp_path / "small.jpg")[0].size == (200, 150)  # 112/150 > 1/2: no reduction
+    with pytest.raises(TipslabError, match="decode='draft'; expected one of full, reduced"):
+        Preprocessing(112, decode="draft")
+
+
+def test_a_folder_source_decoded_reduced_says_so_and_keeps_full_sizes(tmp_path):
+    from tipslab.retrieval.extract import open_source
+
+    _smooth_photo(600, 460).save(tmp_path / "a.jpg", quality=95)
+    source = open_source(tmp_path, 112, workers=0, decode="reduced")
+    (image,) = list(source)
+    assert image.size == (600, 460) and image.pixels.shape == (3, 112, 112)
+    assert source.preprocessing == Preprocessing(112, decode="reduced").describe()
+    assert source.preprocessing["decode"] == "reduced"

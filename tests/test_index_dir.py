@@ -195,6 +195,33 @@ def test_empty_folder_is_a_clear_error(tiny_model, tmp_path):
     assert not (tmp_path / "idx").exists()
 
 
+def test_reduced_decoding_is_recorded_and_followed_by_add(tiny_model, tmp_path):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):  # 4x the model's 112 px: decoded at 1/4 when reduced
+        Image.fromarray(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)).resize((896, 896)).save(
+            photos / f"{name}.jpg", quality=90)
+    assert run_cli("index", tiny_model, photos, "--out", tmp_path / "full", "--quiet") == 0
+    assert run_cli("index", tiny_model, photos, "--out", tmp_path / "reduced", "--decode", "reduced", "--quiet") == 0
+    full, reduced = IndexDirectory.open(tmp_path / "full"), IndexDirectory.open(tmp_path / "reduced")
+    assert (full.manifest["preprocessing"]["decode"], reduced.manifest["preprocessing"]["decode"]) == ("full", "reduced")
+    assert reduced.images["image_width"].to_list() == [896, 896]  # boxes still map to the full picture
+    assert not np.array_equal(full.image_vectors(0), reduced.image_vectors(0))
+    cosine = (full.image_vectors(0).astype(np.float32) * reduced.image_vectors(0).astype(np.float32)).sum(-1)
+    assert cosine.mean() > 0.9  # the same picture, decoded a little differently
+    with pytest.raises(TipslabError, match="built with --decode reduced; added images are decoded the same way"):
+        run_cli("index", tiny_model, photos, "--out", tmp_path / "reduced", "--add", "--decode", "full", "--quiet")
+    # --add follows the index's own decoding: a new copy of a.jpg gets a.jpg's reduced vectors.
+    (photos / "c.jpg").write_bytes((photos / "a.jpg").read_bytes())
+    assert run_cli("index", tiny_model, photos, "--out", tmp_path / "reduced", "--add", "--quiet") == 0
+    reduced = IndexDirectory.open(tmp_path / "reduced")
+    ids = dict(zip(reduced.images["key"].to_list(), reduced.images["image_id"].to_list()))
+    assert np.array_equal(reduced.image_vectors(ids[str(photos / "c.jpg")]), reduced.image_vectors(ids[str(photos / "a.jpg")]))
+
+
 @pytest.mark.filterwarnings("ignore:skipping unreadable image")
 def test_folder_index_skips_and_counts_unreadable_images(tiny_model, tmp_path, capsys):
     from PIL import Image
