@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tipslab.atomic import atomic_write
-from tipslab.datamodules.image_io import IMAGE_EXTENSIONS, UnreadableImage, is_image_file, read_image
+from tipslab.datamodules.image_io import IMAGE_EXTENSIONS, UnreadableImage, is_image_file
 from tipslab.datamodules.sample_quality import SkipCounter
 from tipslab.errors import TipslabError
 
@@ -51,6 +52,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--patches", action="store_true", help="also write patch embeddings")
     parser.add_argument("--dense", action="store_true", help="patches from the last block's value path (segmentation/search)")
     parser.add_argument("--raw", action="store_true", help="do not L2-normalise")
+    parser.add_argument("--decode", choices=("full", "reduced"), default="full",
+                        help="reduced: JPEGs at least twice the input size decode at 1/2-1/8 first, as "
+                             "`tipslab index --decode reduced` (default full)")
     parser.add_argument("--batch-size", type=int, default=16, help="images or texts per forward pass (default 16)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -116,12 +120,13 @@ def collect_texts(texts: list[str], texts_file: str | None) -> list[str]:
 
 
 def read_images(paths: list[Path], preprocess, counts: SkipCounter) -> tuple[list[Path], list[torch.Tensor]]:
-    """The readable images of ``paths`` preprocessed; unreadable ones warned about, counted by kind."""
+    """The readable images of ``paths`` preprocessed (decoded as ``preprocess.decode`` says);
+    unreadable ones warned about, counted by kind."""
     kept, pixels = [], []
     for path in paths:
         conversions: list[str] = []
         try:
-            image = read_image(path, conversions=conversions)
+            image = preprocess.read(path, conversions)[0]
         except UnreadableImage as err:
             counts.skip(err.kind)
             print(f"tipslab embed: skipping {err}", file=sys.stderr)
@@ -246,6 +251,7 @@ def run_embed(args) -> int:
         raise TipslabError("give a model (checkpoint, official file/directory, release name) or --vision/--text")
     official = {k: v for k, v in (("text", args.text), ("tokenizer", args.tokenizer)) if v}
     loaded = load_model(args.model or args.vision, device=args.device, **official)
+    loaded.preprocess = replace(loaded.preprocess, decode=args.decode)
     result = compute_embeddings(
         loaded, image_paths, texts, patches=args.patches or args.dense, dense=args.dense,
         normalize=not args.raw, batch_size=args.batch_size, progress=not args.quiet,
