@@ -101,7 +101,7 @@ def ingest(records: Iterable[PatchRecord], root: Path, writer: PartWriter, first
                      "grid_h": record.grid[0], "grid_w": record.grid[1],
                      "first_vector_id": vector_id, "num_vectors": len(vectors)})
         vector_id += len(vectors)
-    writer.flush()
+    writer.finish()
     return rows, dim
 
 

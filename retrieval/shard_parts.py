@@ -84,7 +84,7 @@ def write_share(records: Iterable[PatchRecord], source: ImageSource, folder: Pat
         rows.append({"position": image.position, "key": image.key, "image_path": path, "generated": generated,
                      "image_width": image.size[0], "image_height": image.size[1],
                      "grid_h": record.grid[0], "grid_w": record.grid[1], "num_vectors": len(record.vectors)})
-    writer.flush()
+    writer.finish()
     schema = {"position": pl.Int64, "key": pl.String, "image_path": pl.String, "generated": pl.Boolean,
               "image_width": pl.Int32, "image_height": pl.Int32, "grid_h": pl.Int32, "grid_w": pl.Int32,
               "num_vectors": pl.Int32}

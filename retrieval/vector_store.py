@@ -4,6 +4,7 @@ exact re-scoring, heatmaps and training samples (compressed FAISS codes cannot g
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,30 +19,77 @@ ADD_CHUNK = 65536
 
 
 class PartWriter:
-    """Appends float16 vectors to ``vectors/part-NNNNN.npy`` files, splitting at image boundaries."""
+    """Appends float16 vectors to ``vectors/part-NNNNN.npy`` files, splitting at image boundaries.
 
-    def __init__(self, folder: Path, first_part: int):
+    A full part is written (atomically, fsynced) by a background thread while the next one fills,
+    and parts fill two buffers that are reused: on the VMs measured here touching fresh memory
+    cost more than copying into it (docs/SCALE.md). `finish` flushes the last part and waits for
+    every write; ``parts`` describes the files, which exist once `finish` has returned.
+    """
+
+    def __init__(self, folder: Path, first_part: int, part_rows: int = PART_ROWS):
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.next_part = first_part
-        self.pending: list[np.ndarray] = []
+        self.part_rows = int(part_rows)
         self.pending_rows = 0
         self.parts: list[dict] = []
+        self.buffers: list[np.ndarray] = []  # at most two, [part_rows, dim] float16
+        self._current: np.ndarray | None = None
+        self._writing: np.ndarray | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def add(self, vectors: np.ndarray) -> None:
-        if self.pending_rows and self.pending_rows + len(vectors) > PART_ROWS:
+        count = len(vectors)
+        if self.pending_rows and self.pending_rows + count > self.part_rows:
             self.flush()
-        self.pending.append(vectors.astype(np.float16))
-        self.pending_rows += len(vectors)
+        if self._current is None:
+            self._current = self._free_buffer(int(vectors.shape[1]), count)
+        self._current[self.pending_rows:self.pending_rows + count] = vectors  # float16 on the way in
+        self.pending_rows += count
 
     def flush(self) -> None:
+        """Hand the filled part to the writing thread (after the previous write has finished)."""
         if not self.pending_rows:
             return
         name = f"part-{self.next_part:05d}.npy"
-        write_npy(self.folder / name, np.concatenate(self.pending))
         self.parts.append({"file": f"{VECTORS_DIR}/{name}", "rows": self.pending_rows})
+        self._wait()
+        self._writing, rows = self._current, self.pending_rows
+        self._thread = threading.Thread(target=self._write, args=(self.folder / name, self._writing[:rows]),
+                                        name="part-writer", daemon=True)
+        self._thread.start()
+        self._current, self.pending_rows = None, 0
         self.next_part += 1
-        self.pending, self.pending_rows = [], 0
+
+    def finish(self) -> None:
+        """Write what is pending and wait until every part is on disk; raises a write's error."""
+        self.flush()
+        self._wait()
+
+    def _free_buffer(self, dim: int, rows: int) -> np.ndarray:
+        if rows > self.part_rows or (self.buffers and self.buffers[0].shape[1] != dim):
+            return np.empty((rows, dim), np.float16)  # one image over a whole part: a buffer of its own
+        for buffer in self.buffers:
+            if buffer is not self._writing:
+                return buffer
+        self.buffers.append(np.empty((self.part_rows, dim), np.float16))
+        return self.buffers[-1]
+
+    def _write(self, path: Path, rows: np.ndarray) -> None:
+        try:
+            write_npy(path, rows)
+        except BaseException as err:  # noqa: BLE001 - raised in the caller's thread by _wait
+            self._error = err
+
+    def _wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread, self._writing = None, None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 class VectorStore:

@@ -12,7 +12,7 @@ def make_store(tmp_path, n=2000, dim=16, seed=0):
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     writer = PartWriter(tmp_path / "vectors", first_part=0)
     writer.add(vectors)
-    writer.flush()
+    writer.finish()
     return VectorStore(tmp_path, writer.parts, dim), vectors.astype(np.float16).astype(np.float32)
 
 
