@@ -8,6 +8,8 @@ All in one run, one model (random weights: speed only), one image size:
   on a GPU), synchronously;
 - extraction (in memory): `extract_patches` over preprocessed images held in memory - the
   pipeline's own cost (stacking, prefetch thread, copies, records);
+- the same + index vectors written: what `tipslab index` then does with them (`ingest` into float16
+  part files under ``--tmp``): where the disk binds;
 - extraction (scenes source): `extract_patches` over ``scenes:val`` as `tipslab index` reads it,
   images generated on the fly (the data side included);
 - extraction (JPEG folder): `tipslab index DIR`'s path over a folder of JPEGs the bench writes
@@ -93,6 +95,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--jpeg-size", type=int, default=None, help="side of the folder's JPEGs (default: --image-size)")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: decode_workers())")
+    parser.add_argument("--tmp", default=None, help="folder for the index vectors the bench writes (default: the system's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,7 +122,9 @@ def main() -> None:
                 if copy_back:
                     torch.nn.functional.normalize(out.patches.float(), dim=-1).to(plan.host_dtype).cpu()
 
-    images = [SourceImage(key=f"k{i}", path=None, size=(args.image_size,) * 2, pixels=pixels[i]) for i in range(n)]
+    # A path set, so writing the index's vectors does not also save the in-memory pictures as PNGs.
+    images = [SourceImage(key=f"k{i}", path=f"/in-memory/k{i}.png", size=(args.image_size,) * 2, pixels=pixels[i])
+              for i in range(n)]
 
     last: dict = {}  # the latest extraction's stats and wall time
 
@@ -128,6 +133,17 @@ def main() -> None:
         for _ in extract_patches(model, source, plan=plan, progress=False, stats=stats):
             pass
         last.update(stats=stats, wall=time.perf_counter() - start)
+
+    def extract_and_write(source):
+        """What `tipslab index` adds after extraction: the float16 vector parts (`ingest`), on disk."""
+        from tipslab.retrieval.build_steps import ingest
+        from tipslab.retrieval.vector_store import PartWriter
+
+        with tempfile.TemporaryDirectory(dir=args.tmp) as root:
+            stats, start = ExtractionStats(), time.perf_counter()
+            records = extract_patches(encoder, source, plan=plan, progress=False, stats=stats)
+            ingest(records, Path(root), PartWriter(Path(root) / "vectors", first_part=0), 0, 0, None)
+            last.update(stats=stats, wall=time.perf_counter() - start)
 
     workers = decode_workers() if args.workers is None else args.workers
     folder = Path(tempfile.mkdtemp(prefix="bench_extract_"))
@@ -141,6 +157,7 @@ def main() -> None:
             ("bare forward + results on host", lambda: bare(True)),
             ("pipeline alone (no model, in memory)", lambda: extract(iter(images), null)),
             ("extraction (in memory)", lambda: extract(iter(images))),
+            ("  the same + index vectors written", lambda: extract_and_write(iter(images))),
             ("extraction (scenes source)", lambda: extract(open_source(f"scenes:val:{n}", args.image_size))),
             ("extraction (JPEG folder, inline)", lambda: extract(open_source(folder, args.image_size, workers=0))),
             ("  the same, reduced decode", lambda: extract(open_source(folder, args.image_size, workers=0,

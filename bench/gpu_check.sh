@@ -14,7 +14,7 @@ py=${PYTHON:-python3}
   echo "=== extraction: the CUDA plan's order and vectors (tests/test_extract_pipeline.py -k gpu)"
   timeout 120 $py -m pytest -q -p no:cacheprovider tests/test_extract_pipeline.py -k gpu
   echo "=== extraction against the bare bf16 forward (docs/SCALE.md, target 0.9)"
-  timeout 240 $py bench/bench_extract.py --size b --image-size 224 --images 1024 --jpeg-size 448 --repeats 2
+  timeout 240 $py bench/bench_extract.py --size b --image-size 224 --images 1024 --jpeg-size 448 --repeats 2 --tmp "$out"
   echo "=== the recipe's step against contrastive only (docs/RECIPE.md)"
   timeout 240 $py bench/bench_train_step.py --recipes --device cuda --size b --img 224 --batch 128 --steps 10 \
     --rounds 1 --only "contrastive only" "full recipe, head EMA" "full, head EMA + act. ckpt"
