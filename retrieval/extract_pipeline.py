@@ -6,8 +6,9 @@ the device and patches back to the host (as float16, what the index stores) issu
 non-blocking (the patches on a copy stream of their own), and results handed out one batch
 late, so batch i+1 computes while batch i is copied and written. On a CPU: float32 (CPU bf16
 autocast is slower without AMX and would change vectors for no gain), the same prefetch thread,
-no pinning. `ExtractionStats` says how long the loop waited for pixels and for copies. `plan_for(device)` picks; any plan runs on any
-device, which is how the GPU path is tested on a CPU.
+no pinning. `ExtractionStats` says how long the loop waited for pixels and for the device.
+`plan_for(device)` picks; any plan runs on any device, which is how the GPU path is tested on a
+CPU (the copy stream alone needs CUDA).
 """
 
 from __future__ import annotations
