@@ -52,7 +52,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--patches", action="store_true", help="also write patch embeddings")
     parser.add_argument("--dense", action="store_true", help="patches from the last block's value path (segmentation/search)")
     parser.add_argument("--raw", action="store_true", help="do not L2-normalise")
-    parser.add_argument("--decode", choices=("full", "reduced"), default="full",
+    parser.add_argument("--decode", choices=("full", "reduced"), default="full",  # `Preprocessing.decode`'s
                         help="reduced: JPEGs at least twice the input size decode at 1/2-1/8 first, as "
                              "`tipslab index --decode reduced` (default full)")
     parser.add_argument("--batch-size", type=int, default=16, help="images or texts per forward pass (default 16)")

@@ -14,24 +14,23 @@ from tipslab.errors import TipslabError
 from tipslab.retrieval.regions import REGION_FRACTION, REGION_UPSAMPLE
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(low: int, expected: str):
+    """An argparse type: an integer >= ``low``, else the error says ``expected``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {value}")
-    return value
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "0 or a positive integer")
 
 
 def _unit_float(text: str) -> float:
@@ -79,6 +78,7 @@ def add_index_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--decode-workers", type=_non_negative_int, default=None, metavar="N",
                         help="processes decoding images for each extraction process (default: up to 8 with a "
                              "GPU, sharing the cores among --workers; 0 on a CPU, where the model needs the cores)")
+    # `Preprocessing.decode`'s choices, spelled out: importing preprocess would load torchvision at start-up.
     parser.add_argument("--decode", choices=("full", "reduced"), default=None,
                         help="reduced: JPEGs at least twice the model's input size decode at 1/2, 1/4 or 1/8 first "
                              "(DCT scaling; several times faster for photos, vectors a little different from "
@@ -156,10 +156,9 @@ def run_index(args) -> int:
         if args.image_size is not None and args.image_size != index.image_size:
             raise TipslabError(f"--image-size {args.image_size}: the index at {args.out} was built at "
                                f"{index.image_size}; an index holds one size")
-        decode = index.manifest["preprocessing"].get("decode", "full")
-        if args.decode is not None and args.decode != decode:
-            raise TipslabError(f"--decode {args.decode}: the index at {args.out} was built with --decode {decode}; "
-                               "added images are decoded the same way (drop --decode)")
+        if args.decode is not None and args.decode != index.decode:
+            raise TipslabError(f"--decode {args.decode}: the index at {args.out} was built with --decode "
+                               f"{index.decode}; added images are decoded the same way (drop --decode)")
         if args.feature != index.feature:
             raise TipslabError(f"--feature {args.feature}: the index at {args.out} holds {index.feature!r} features")
         _check_same_model(args.model_path, index)

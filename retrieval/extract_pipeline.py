@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tipslab.datamodules.transforms import as_float
+
 PREFETCH = 3  # stacked batches waiting for the device
 CPU_BATCH = 16
 GPU_BATCH_PER_GIB = 4  # images (224 px, B/14, bf16) per GiB of free GPU memory, leaving room for activations
@@ -87,11 +89,6 @@ def _prefetch(batches: Iterable, pinned: bool) -> Iterator:
                 thread.join(timeout=0.05)
 
 
-def as_float(pixels: torch.Tensor) -> torch.Tensor:
-    """Float pixels in [0, 1]: uint8 ones (a folder's, a quarter of the bytes to copy) / 255 where they are."""
-    return pixels.float().div_(255.0) if pixels.dtype == torch.uint8 else pixels
-
-
 @dataclass
 class ExtractionStats:
     """Where a run's time went, so one GPU run says what bounds it: ``data_wait_s`` waiting for
@@ -126,8 +123,11 @@ def run_batches(encoder, batches: Iterable, plan: ExtractionPlan, dense: bool,
                 batch, pixels = item
                 stats.batches += 1
                 stats.images += len(batch)
+                pixels = pixels.to(plan.device, non_blocking=plan.pinned)
+                if pixels.dtype == torch.uint8:  # a folder's (a quarter of the bytes to copy): / 255 on the device
+                    pixels = as_float(pixels)
                 with torch.autocast(plan.device.type, dtype=torch.bfloat16, enabled=plan.autocast):
-                    out = encoder.encode_image(as_float(pixels.to(plan.device, non_blocking=plan.pinned)), dense=dense)
+                    out = encoder.encode_image(pixels, dense=dense)
                 patches = torch.nn.functional.normalize(out.patches.float(), dim=-1).to(plan.host_dtype)
                 grid = (int(out.grid[0]), int(out.grid[1]))
                 if cuda:

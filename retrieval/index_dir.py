@@ -136,6 +136,11 @@ class IndexDirectory:
         return int(self.manifest["preprocessing"]["image_size"])
 
     @property
+    def decode(self) -> str:
+        """How the index's images were decoded (`Preprocessing.decode`; indexes from before it: full)."""
+        return self.manifest["preprocessing"].get("decode", "full")
+
+    @property
     def index(self):
         """The CPU FAISS index (loaded on first use, checked against the manifest)."""
         if self._index is None:
@@ -248,10 +253,9 @@ class IndexDirectory:
         with self._writing():
             if loaded is None:
                 loaded = self.load_model()
-            # Decoded as the index's images were, so old and new vectors agree (indexes before "decode": full).
-            decode = self.manifest["preprocessing"].get("decode", "full")
+            # Decoded as the index's images were, so old and new vectors agree.
             src = open_source(source, self.image_size, scenes_count=scenes_count, workers=decode_workers,
-                              decode=decode)
+                              decode=self.decode)
             known = self._live_keys()
             already = 0
 
