@@ -31,16 +31,23 @@ SILOG_LAMBDA = 0.85  # BTS / DINOv2's variance focus: 1 is fully scale-invariant
 
 
 class LinearProbe(nn.Module):
-    """BatchNorm + Linear over each patch token (with the CLS token appended for depth)."""
+    """BatchNorm + Linear over each patch token (with the CLS token appended for depth).
+
+    ``num_layers`` > 1 is DINOv2's "lin. 4": the tokens of that many blocks (`encoder.layers`)
+    concatenated per patch, each block's CLS appended for depth; 1 is "lin. 1", the last block.
+    """
 
     def __init__(self, task: str, embed_dim: int, num_outputs: int | None = None,
-                 depth_range: tuple[float, float] = DEFAULT_DEPTH_RANGE):
+                 depth_range: tuple[float, float] = DEFAULT_DEPTH_RANGE, num_layers: int = 1):
         super().__init__()
         if task not in ("seg", "depth"):
             raise TipslabError(f"linear probes are for seg or depth, not {task!r}")
+        if int(num_layers) < 1:
+            raise TipslabError(f"a linear probe reads at least one layer, not {num_layers}")
         self.task = task
-        self.with_cls = task == "depth"  # DINOv2's depth "lin. 1" concatenates the CLS token
-        width = embed_dim * (2 if self.with_cls else 1)
+        self.with_cls = task == "depth"  # DINOv2's depth probes concatenate the CLS token
+        self.num_layers = int(num_layers)
+        width = embed_dim * self.num_layers * (2 if self.with_cls else 1)
         self.num_outputs = int(num_outputs or (DEFAULT_DEPTH_BINS if task == "depth" else 0))
         if self.num_outputs < 1:
             raise TipslabError("a segmentation probe needs its number of classes")
@@ -51,12 +58,17 @@ class LinearProbe(nn.Module):
             self.register_buffer("bin_centers", torch.linspace(*self.depth_range, self.num_outputs), persistent=False)
 
     def forward(self, outputs: list[VisionOutput], image_size: tuple[int, int]) -> torch.Tensor:
-        out = outputs[-1]
-        tokens = out.patches
-        if self.with_cls:
-            tokens = torch.cat([tokens, out.cls1[:, None].expand_as(tokens)], dim=-1)
+        if len(outputs) != self.num_layers:
+            raise TipslabError(f"this linear probe reads {self.num_layers} layer(s); got the outputs of {len(outputs)}")
+        parts = []
+        for out in outputs:
+            parts.append(out.patches)
+            if self.with_cls:
+                parts.append(out.cls1[:, None].expand_as(out.patches))
+        tokens = torch.cat(parts, dim=-1)
+        grid = outputs[-1].grid
         b, n, d = tokens.shape
-        x = self.linear(self.norm(tokens.reshape(b * n, d))).reshape(b, *out.grid, -1).permute(0, 3, 1, 2)
+        x = self.linear(self.norm(tokens.reshape(b * n, d))).reshape(b, *grid, -1).permute(0, 3, 1, 2)
         if self.task == "depth":
             x = bins_to_depth(x, self.bin_centers, self.depth_range[0])
         return F.interpolate(x, size=tuple(image_size), mode="bilinear", align_corners=False)
@@ -96,9 +108,10 @@ def probe_loss(task: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 
 def build_head(kind: str, task: str, embed_dim: int, num_outputs: int | None = None, channels: int = 256,
-               depth_range: tuple[float, float] = DEFAULT_DEPTH_RANGE) -> nn.Module:
+               depth_range: tuple[float, float] = DEFAULT_DEPTH_RANGE, num_layers: int = 1) -> nn.Module:
+    """A probe head; ``num_layers``: how many blocks a linear head reads (a DPT head takes four)."""
     if kind == "linear":
-        return LinearProbe(task, embed_dim, num_outputs, depth_range)
+        return LinearProbe(task, embed_dim, num_outputs, depth_range, num_layers)
     if kind == "dpt":
         return DPTProbe(task, embed_dim, num_outputs, channels, depth_range)
     raise TipslabError(f"head.kind={kind!r}; expected linear or dpt")

@@ -61,7 +61,8 @@ class ProbeSystem(L.LightningModule):
         self.head = build_head(kind, cfg.head.task, vision.embed_dim,
                                num_outputs={"seg": num_outputs, "depth": cfg.head.depth_bins}.get(cfg.head.task),
                                channels=int(cfg.head.dpt_channels),
-                               depth_range=(float(cfg.head.min_depth), float(cfg.head.max_depth)))
+                               depth_range=(float(cfg.head.min_depth), float(cfg.head.max_depth)),
+                               num_layers=len(self.layers))
         self.losses: list[float] = []
 
     @property

@@ -69,3 +69,39 @@ def test_dpt_probe_exports_an_official_layout_decoder(tmp_path, encoder_dir):
     assert set(result.metrics) == {"depth/rmse", "depth/abs_rel", "depth/delta1"}
     decoder = load_decoder(tmp_path / "d" / "decoder.npz", embed_dim=192)
     assert decoder.task == "depth" and decoder.channels == 16
+
+
+def test_a_linear_probe_over_several_layers_reads_their_concatenated_tokens():
+    # DINOv2's "lin. 4": per patch, every layer's tokens side by side (and each layer's CLS for depth).
+    from tipslab.modules.probes import LinearProbe
+    from tipslab.modules.vision import VisionOutput
+
+    torch.manual_seed(0)
+    dim, grid = 4, (2, 3)
+    outs = [VisionOutput(cls1=torch.randn(2, dim), cls2=torch.randn(2, dim), patches=torch.randn(2, 6, dim), grid=grid)
+            for _ in range(3)]
+    probe = LinearProbe("seg", dim, num_outputs=5, num_layers=3).eval()
+    assert probe.linear.in_features == 3 * dim
+    got = probe(outs, grid)  # at the grid's own size, interpolation is the identity
+    tokens = torch.cat([o.patches for o in outs], dim=-1).reshape(12, 3 * dim)
+    want = probe.linear(probe.norm(tokens)).reshape(2, *grid, 5).permute(0, 3, 1, 2)
+    assert torch.allclose(got, want, atol=1e-6)
+    # Depth appends each layer's CLS after its patches: the layer order matters, so a swap changes it.
+    depth = LinearProbe("depth", dim, num_layers=2).eval()
+    assert depth.linear.in_features == 2 * 2 * dim
+    assert not torch.allclose(depth(outs[:2], grid), depth(outs[1::-1], grid))
+    with pytest.raises(TipslabError, match="reads 3 layer"):
+        probe(outs[:2], grid)
+
+
+@pytest.mark.slow
+def test_encoder_layers_feed_a_linear_probe_every_block_named(tmp_path, encoder_dir):
+    run_dir = tmp_path / "runs" / "lin4"
+    cfg = load_config("probe_depth_scenes", [*SMALL, f"encoder.path={encoder_dir}", f"run_dir={run_dir}",
+                                             "trainer.max_steps=2", "encoder.layers=[0,1,2,3]",
+                                             "tracking.enabled=false", "checkpoint.every_n_steps=0"],
+                      defaults="defaults_probe")
+    result = train_probe(cfg)
+    assert result.metrics["depth/rmse"] > 0
+    weight = load_file(run_dir / "head.safetensors")["linear.weight"]
+    assert weight.shape[1] == 4 * 2 * 192  # four blocks, patch + CLS each, tiny width 192
