@@ -13,8 +13,11 @@ Each loader row runs twice: as a plain loop gets it (``data.decode_draft=false``
 decoded at full size; float views), and as a worker inside a Trainer makes it (``draft``: JPEGs
 decoded at 1/2..1/8 by DCT scaling when every crop keeps at least its output size, i.e. pictures
 larger than the crops need; ``uint8 out``: views leave the worker as uint8 and become float on
-the device, not counted here). The loader numbers include reading the tar, the one image reader,
-crops, captions and tokenizing. Ratios are against ``decode`` (target: the loader within 80% of decode, ratio >= 0.8).
+the device, not counted here). The ViT-B views run a third time with ``data.crops_on_device``: the
+worker ships the decoded pictures and the views' boxes and the device cuts the crops
+(`datamodules/device_crops.py`, auto on a CUDA trainer); that row is the worker's part, and the
+cutting (roi_align) on this CPU is printed under the table. The loader numbers include reading
+the tar, the one image reader, crops, captions and tokenizing. Ratios are against ``decode`` (target: the loader within 80% of decode, ratio >= 0.8).
 The CPUs of a shared machine make every number noisy: compare ratios from one run, not runs.
 Never asserted in tests.
 
@@ -75,21 +78,32 @@ def decode_rate(images: Path, repeats: int) -> float:
     return repeats * len(blobs) / (time.perf_counter() - start)
 
 
-def loader_rate(shards: Path, views: dict, batch_size: int, images: int, training_path: bool = True) -> float:
+def loader_rate(shards: Path, views: dict, batch_size: int, images: int, training_path: bool = True,
+                crops_on_device: bool = False, cut: list | None = None) -> float:
+    """Images/s of the loader's batches in this process; ``cut`` (a list) gets the seconds per
+    image of cutting deferred views (``crops_on_device``) here, outside the measured loop."""
     from tipslab.datamodules.datamodule import PretrainDataModule
     from tipslab.modules.tokenizers import build_tokenizer
 
     cfg = {"source": "shards", "path": str(shards), "batch_size": batch_size, "num_workers": 0,
-           "caption_granularities": ["short", "long"], "decode_draft": training_path, **views}
+           "caption_granularities": ["short", "long"], "decode_draft": training_path,
+           "crops_on_device": crops_on_device, **views}
     loader = PretrainDataModule(cfg, build_tokenizer(context_length=64), seed=0).train_dataloader()
     # Inside a Trainer the views leave the worker as uint8 and become float on the device.
     loader.stream.float_pixels = not training_path
     iterator = iter(loader)
     next(iterator)  # warm-up: opening the first shard, first allocations
-    done, start = 0, time.perf_counter()
+    done, start, batches = 0, time.perf_counter(), []
     while done < images:
-        done += len(next(iterator).ids)
-    return done / (time.perf_counter() - start)
+        batches.append(next(iterator))
+        done += len(batches[-1].ids)
+    rate = done / (time.perf_counter() - start)
+    if cut is not None and crops_on_device:
+        start = time.perf_counter()
+        for batch in batches:
+            batch.with_float_pixels()
+        cut.append((time.perf_counter() - start) / done)
+    return rate
 
 
 def main() -> None:
@@ -105,17 +119,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         images = write_source(Path(tmp), args.images, width, height)
         rows = [("raw JPEG decode (PIL)", decode_rate(images, repeats=2))]
+        cut: list[float] = []
         for name, views in VIEWS.items():
             for training_path in (False, True):
                 label = f"loader {name} ({_describe(views)}){', draft, uint8 out' if training_path else ''}"
                 rows.append((label, loader_rate(Path(tmp) / "shards", views, args.batch_size, args.images,
                                                 training_path)))
+            if views["local_crops"]["count"]:
+                label = f"loader {name} ({_describe(views)}), draft, crops on the device"
+                rows.append((label, loader_rate(Path(tmp) / "shards", views, args.batch_size, args.images,
+                                                True, crops_on_device=True, cut=cut)))
     base = rows[0][1]
     print(f"\n{args.images} JPEGs of {width}x{height}, one process (= one data-loader worker), 1 thread; "
           "shared CPUs: numbers are noisy, compare the ratios")
-    print(f"{'measure':58s} {'images/s':>10s} {'/ decode':>9s}")
+    print(f"{'measure':66s} {'images/s':>10s} {'/ decode':>9s}")
     for name, rate in rows:
-        print(f"{name:58s} {rate:10.1f} {rate / base:9.2f}")
+        print(f"{name:66s} {rate:10.1f} {rate / base:9.2f}")
+    for seconds in cut:
+        print(f"crops on the device: cutting them (roi_align, float) on this CPU instead costs {1e3 * seconds:.2f} ms "
+              "per image, 1 thread")
 
 
 def _describe(views: dict) -> str:

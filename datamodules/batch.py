@@ -11,12 +11,15 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from tipslab.datamodules.device_crops import DeferredViews, pack_views, render_views
 from tipslab.datamodules.transforms import as_float
 
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # float [B, 3, H, W] in [0, 1] (uint8 0..255 between a trainer's loader and device)
+    # float [B, 3, H, W] in [0, 1] (uint8 0..255 between a trainer's loader and device; None while
+    # the views are `deferred`, until `with_float_pixels` cuts them on the device)
+    images: torch.Tensor | None
     alt_ids: torch.Tensor  # long [B, L]: CLS1's text (alt-text)
     caption_ids: torch.Tensor  # long [B, L]: CLS2's text (sampled richer caption)
     ids: list[str]  # sample ids, as the source names them
@@ -36,13 +39,20 @@ class Batch:
     # Samples read, skipped and converted by kind since the worker's previous batch
     # (`sample_quality.SkipCounter.take()`); the loader adds them up.
     data_counts: dict | None = None
+    # ``data.crops_on_device``: the decoded pictures and their views' boxes, cut on the device
+    # (`device_crops.py`); images, global_crops and local_crops are None until then.
+    deferred: DeferredViews | None = None
 
     @property
     def num_global(self) -> int:
+        if self.deferred is not None:
+            return self.deferred.num_global
         return 1 if self.global_crops is None else int(self.global_crops.shape[0])
 
     @property
     def num_local(self) -> int:
+        if self.deferred is not None:
+            return self.deferred.num_local
         return 0 if self.local_crops is None else int(self.local_crops.shape[0])
 
     def to(self, device, non_blocking: bool = False) -> Batch:
@@ -56,12 +66,20 @@ class Batch:
                 moved[name] = fn(value)
         if self.global_crops is not None:  # `images` stays a view of the first global crop, not a copy
             moved["images"] = moved["global_crops"][0]
+        if self.deferred is not None:
+            moved["deferred"] = self.deferred.map(fn)
         return replace(self, **moved)
 
     def with_float_pixels(self) -> Batch:
         """A copy whose uint8 views (a trainer's batches, see `collate`) are float in [0, 1]: done
-        on the device, after the transfer (4x fewer bytes to move, no CPU pass over the floats)."""
-        return self._map(lambda t: as_float(t) if t.dtype == torch.uint8 else t)
+        on the device, after the transfer (4x fewer bytes to move, no CPU pass over the floats).
+        `deferred` views are cut here (`device_crops.render_views`)."""
+        batch = self
+        if self.deferred is not None:
+            global_crops, local_crops = render_views(self.deferred)
+            batch = replace(self, images=global_crops[0], global_crops=global_crops, local_crops=local_crops,
+                            deferred=None)
+        return batch._map(lambda t: as_float(t) if t.dtype == torch.uint8 else t)
 
     def pin_memory(self) -> Batch:
         # DataLoader(pin_memory=True) calls this on custom batch types.
@@ -86,8 +104,10 @@ def collate(items: list[dict], tokenizer, to_float: bool = True) -> Batch:
     ``to_float=False``, uint8 views stay uint8 (a trainer converts them on the device)."""
     alts = [item["alt"] for item in items]
     captions = [item["caption"] for item in items]
-    global_crops = local_crops = masks = None
-    if "globals" in items[0]:
+    global_crops = local_crops = masks = deferred = None
+    if "plans" in items[0]:  # crops on the device: pictures and boxes travel, views are cut there
+        deferred = pack_views([i["source"] for i in items], [i["plans"] for i in items], items[0]["num_global"])
+    elif "globals" in items[0]:
         global_crops = crop_major([i["globals"] for i in items], to_float)
         if items[0]["locals"]:
             local_crops = crop_major([i["locals"] for i in items], to_float)
@@ -98,7 +118,12 @@ def collate(items: list[dict], tokenizer, to_float: bool = True) -> Batch:
         alt_neg, caption_neg = [i["alt_negative"] for i in items], [i["caption_negative"] for i in items]
         negatives = dict(alt_negative_ids=tokenizer(alt_neg).long(), caption_negative_ids=tokenizer(caption_neg).long(),
                          negative_valid=torch.tensor([[bool(t) for t in alt_neg], [bool(t) for t in caption_neg]]))
-    images = global_crops[0] if global_crops is not None else crop_major([[i["image"]] for i in items], to_float)[0]
+    if deferred is not None:
+        images = None
+    elif global_crops is not None:
+        images = global_crops[0]
+    else:
+        images = crop_major([[i["image"]] for i in items], to_float)[0]
     return Batch(
         images=images,
         alt_ids=tokenizer(alts).long(),
@@ -110,5 +135,6 @@ def collate(items: list[dict], tokenizer, to_float: bool = True) -> Batch:
         captions=captions,
         alt_texts=alts,
         granularities=[item["granularity"] for item in items],
+        deferred=deferred,
         **negatives,
     )

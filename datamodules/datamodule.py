@@ -68,6 +68,7 @@ DEFAULTS = {
     "caption_check_samples": 32,
     "max_image_pixels": MAX_PIXELS,
     "decode_draft": True,
+    "crops_on_device": "auto",
     "bad_samples": {"max_share": 0.1, "min_seen": 1000},
     "hard_negatives": {"words": []},
 }
@@ -124,6 +125,8 @@ class PretrainDataModule(L.LightningDataModule):
         bad = {**DEFAULTS["bad_samples"], **dict(cfg["bad_samples"] or {})}
         QualityGate(bad["max_share"], bad["min_seen"])  # bad values fail here, not at the first batch
         self._logged_at = -1
+        if cfg["crops_on_device"] not in ("auto", True, False):
+            raise TipslabError(f"data.crops_on_device={cfg['crops_on_device']!r}; expected auto, true or false")
         stages = parse_stages(list(cfg["resolution_stages"] or []), self.image_size)
         self.processor = ResolutionStages(stages, self._processor) if len(stages) > 1 else self._processor(self.image_size)
         # Weak: the trainer holds the loader it trains from; loaders others asked for may go.
@@ -227,6 +230,9 @@ class PretrainDataModule(L.LightningDataModule):
         # In a Trainer, crops travel as uint8 (4x fewer bytes through worker queues and to the
         # device) and become float on the device (`on_after_batch_transfer`); plain loops get floats.
         stream.float_pixels = self.trainer is None
+        defer = self.crops_on_device()
+        for processor in getattr(self.processor, "processors", [self.processor]):
+            processor.defer_crops = defer
         workers = int(self.cfg["num_workers"])
         loader = ResumableLoader(
             stream,
@@ -240,6 +246,15 @@ class PretrainDataModule(L.LightningDataModule):
         )
         self._train_loaders.add(loader)
         return loader
+
+    def crops_on_device(self) -> bool:
+        """Whether the training views are cut on the device (``data.crops_on_device``): auto inside a
+        Trainer on CUDA, where ten crops a sample cost a worker more than the decode and a GPU little;
+        true always (a plain loop then calls `Batch.with_float_pixels` on its batches)."""
+        setting = self.cfg["crops_on_device"]
+        if setting == "auto":
+            return self.trainer is not None and _on_cuda(self.trainer)
+        return bool(setting)
 
     def val_loader(self, batch_size: int | None = None) -> torch.utils.data.DataLoader:
         """Unaugmented batches of the scenes val split (whole image resized, seeded captions).
@@ -271,7 +286,7 @@ class PretrainDataModule(L.LightningDataModule):
         return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if not isinstance(batch, Batch) or batch.images.dtype != torch.uint8:
+        if not isinstance(batch, Batch) or (batch.deferred is None and batch.images.dtype != torch.uint8):
             return batch
         # Lightning casts a batch's floats to a "-true" precision (bf16-true...) before the transfer,
         # when these views were still uint8: the same cast, now that they are float.

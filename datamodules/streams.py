@@ -80,6 +80,8 @@ class SampleProcessor:
         self.masker = masker
         self.caption_scales = {g: check_scale(v, f"data.caption_crop_scale.{g}")
                                for g, v in dict(caption_crop_scale or {}).items() if v is not None}
+        # True: crops are planned here and cut on the device (`device_crops.py`, ``data.crops_on_device``).
+        self.defer_crops = False
 
     def decode_scale(self, width: int, height: int) -> float:
         """How far an image may shrink before decoding and still give every crop its full size
@@ -98,21 +100,29 @@ class SampleProcessor:
         granularity, caption = sample_caption(captions, rng, self.granularities, self.probs, sample_id)
         return alt, granularity, caption
 
+    def _first(self, pixels, rng, scale, size, deferred: bool):
+        """``(view or its CropPlan when deferred, flipped, box)`` of the first global crop."""
+        if deferred:
+            plan, box = self.view.first.draw(pixels.shape[-2:], rng, scale, size)
+            return plan, plan.flipped, box
+        return self.view.crop(pixels, rng, scale=scale, to_float=False, source_size=size)
+
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
         # Decoded to a tensor once, however many crops are cut from it.
         pixels = to_tensor(sample["image"])
         size = sample.get("source_size")  # (width, height) of the full image when it was decoded smaller
         sample_id = str(sample["id"])
         captions = sample["captions"]
-        crop = self.view.crop if hasattr(self.view, "crop") else None
+        crops = hasattr(self.view, "crop")
+        # Crops on the device (`device_crops.py`): the same draws, the views are cut after the transfer.
+        deferred = crops and self.defer_crops and hasattr(self.view, "draw_rest")
         captions_the_crop = self.crop_captions and sample.get("crop_captions") is not None
-        if crop is not None and self.caption_scales and not captions_the_crop:
+        if crops and self.caption_scales and not captions_the_crop:
             alt, granularity, caption = self._texts(captions, rng, sample_id)
-            image, flipped, *box = crop(pixels, rng, scale=self.caption_scales.get(granularity), to_float=False,
-                                        source_size=size)
+            image, flipped, *box = self._first(pixels, rng, self.caption_scales.get(granularity), size, deferred)
         else:
             # A view with `crop` also says which box of the source it shows.
-            image, flipped, *box = (crop(pixels, rng, to_float=False, source_size=size) if crop is not None
+            image, flipped, *box = (self._first(pixels, rng, None, size, deferred) if crops
                                     else self.view(pixels, rng))
             if captions_the_crop and box:
                 captions = sample["crop_captions"](box[0], rng)
@@ -122,14 +132,20 @@ class SampleProcessor:
         item = {"image": image, "alt": alt, "caption": caption, "granularity": granularity, "id": sample_id}
         if box:
             item["box"] = box[0]  # (top, left, height, width) of the first global crop in the source
-        rest = getattr(self.view, "rest", None)
-        if rest is not None:
-            more, local = rest(pixels, rng, to_float=False, source_size=size)
-            item["globals"] = [image, *more]
-            item["locals"] = local
-        if self.masker is not None:
+        if deferred:
+            more, local = self.view.draw_rest(pixels.shape[-2:], rng, source_size=size)
+            item["source"], item["plans"], item["num_global"] = pixels, [image, *more, *local], 1 + len(more)
+            grid = (image.size // PATCH_SIZE,) * 2
+        else:
+            rest = getattr(self.view, "rest", None)
+            if rest is not None:
+                more, local = rest(pixels, rng, to_float=False, source_size=size)
+                item["globals"] = [image, *more]
+                item["locals"] = local
             grid = (image.shape[-2] // PATCH_SIZE, image.shape[-1] // PATCH_SIZE)
-            item["masks"] = [torch.from_numpy(self.masker(grid, rng)) for _ in item.get("globals", [image])]
+        if self.masker is not None:
+            item["masks"] = [torch.from_numpy(self.masker(grid, rng))
+                             for _ in range(item.get("num_global", len(item.get("globals", [image]))))]
         if self.negatives is not None:
             item["alt_negative"], item["caption_negative"] = self.negatives(alt, rng), self.negatives(caption, rng)
         return item

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -106,16 +107,28 @@ def smallest_crop_side(height: int, width: int, scale, ratio) -> float:
     return max(min(area_bound, height, width), 1.0)  # the fallback crop is at least the short side
 
 
-def box_in(pixels: torch.Tensor, box: tuple[int, int, int, int], source_size) -> tuple[int, int, int, int]:
-    """``box`` (pixels of the full image, ``source_size = (width, height)``) in the pixels of
-    ``pixels``, which may be the image decoded smaller (`image_io.read_image_reduced`)."""
-    height, width = pixels.shape[-2:]
+def box_in(pixels_hw, box: tuple[int, int, int, int], source_size) -> tuple[int, int, int, int]:
+    """``box`` (pixels of the full image, ``source_size = (width, height)``) in the pixels of an
+    image of ``pixels_hw = (height, width)``, which may be the image decoded smaller
+    (`image_io.read_image_reduced`)."""
+    height, width = int(pixels_hw[0]), int(pixels_hw[1])
     if source_size is None or tuple(source_size) == (width, height):
         return box
     fy, fx = height / source_size[1], width / source_size[0]
     top, left = min(int(round(box[0] * fy)), height - 1), min(int(round(box[1] * fx)), width - 1)
     return (top, left, max(min(int(round(box[2] * fy)), height - top), 1),
             max(min(int(round(box[3] * fx)), width - left), 1))
+
+
+class CropPlan(NamedTuple):
+    """One view of a sample before it is cut: a box in the decoded pixels, the output side, a flip."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    size: int
+    flipped: bool
 
 
 class GlobalCrop:
@@ -140,17 +153,32 @@ class GlobalCrop:
         full image when ``image`` was decoded smaller: the box is drawn on the full image (same
         draws, same captions) and cut from the smaller one."""
         pixels = to_tensor(image)
-        full_h, full_w = (source_size[1], source_size[0]) if source_size is not None else pixels.shape[-2:]
+        plan, box = self.draw(pixels.shape[-2:], rng, scale, source_size)
+        return self.render(pixels, plan, to_float), plan.flipped, box
+
+    def draw(self, pixels_hw, rng: np.random.Generator, scale=None,
+             source_size=None) -> tuple[CropPlan, tuple[int, int, int, int]]:
+        """The random part of `crop` alone: ``(plan, box)``, the plan in the pixels of an image of
+        ``pixels_hw = (height, width)`` (the box in the full image's). Same draws in the same order,
+        so a sample whose crops are made later, elsewhere (`render_crops` on the device), gets the
+        same boxes, flips and captions."""
+        height, width = int(pixels_hw[0]), int(pixels_hw[1])
+        full_h, full_w = (source_size[1], source_size[0]) if source_size is not None else (height, width)
         box = crop_params(full_h, full_w, rng, scale or self.scale, self.ratio)
-        top, left, h, w = box_in(pixels, box, source_size)
+        top, left, h, w = box_in((height, width), box, source_size)
+        flipped = self.flip and bool(rng.random() < 0.5)
+        return CropPlan(top, left, h, w, self.image_size, flipped), box
+
+    @staticmethod
+    def render(pixels: torch.Tensor, plan: CropPlan, to_float: bool = True) -> torch.Tensor:
+        """The view a plan describes, cut from ``pixels`` ``[3, H, W]`` on this CPU."""
         # torchvision's resize kernel on the box's view: `resized_crop` without its per-call dispatch
         # (ten crops a sample make that overhead show; same pixels).
-        out = F.resize_image(pixels[..., top:top + h, left:left + w], [self.image_size, self.image_size],
-                             antialias=True)
-        flipped = self.flip and bool(rng.random() < 0.5)
-        if flipped:
+        out = F.resize_image(pixels[..., plan.top:plan.top + plan.height, plan.left:plan.left + plan.width],
+                             [plan.size, plan.size], antialias=True)
+        if plan.flipped:
             out = F.horizontal_flip(out)
-        return (as_float(out) if to_float else out), flipped, box
+        return as_float(out) if to_float else out
 
     def min_decode_scale(self, height: int, width: int, first_scales=()) -> float:
         """The factor an ``height x width`` image may shrink by before decoding with every crop
@@ -201,10 +229,16 @@ class MultiCropViews:
     def rest(self, image, rng: np.random.Generator, to_float: bool = True,
              source_size=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The other global crops and the local crops (drawn after the captions, see streams.py)."""
-        more = [self.first.crop(image, rng, to_float=to_float, source_size=source_size)[0]
-                for _ in range(self.count - 1)]
-        local = [self.local.crop(image, rng, to_float=to_float, source_size=source_size)[0]
-                 for _ in range(self.local_count)]
+        pixels = to_tensor(image)
+        more, local = self.draw_rest(pixels.shape[-2:], rng, source_size)
+        return ([self.first.render(pixels, p, to_float) for p in more],
+                [self.local.render(pixels, p, to_float) for p in local])
+
+    def draw_rest(self, pixels_hw, rng: np.random.Generator,
+                  source_size=None) -> tuple[list[CropPlan], list[CropPlan]]:
+        """`rest`'s draws alone (see `GlobalCrop.draw`): the plans of the other global and the local crops."""
+        more = [self.first.draw(pixels_hw, rng, source_size=source_size)[0] for _ in range(self.count - 1)]
+        local = [self.local.draw(pixels_hw, rng, source_size=source_size)[0] for _ in range(self.local_count)]
         return more, local
 
     def min_decode_scale(self, height: int, width: int, first_scales=()) -> float:

@@ -150,6 +150,8 @@ def _check_types(defaults: DictConfig, cfg: DictConfig, where: str) -> None:
             ok = True
         if isinstance(default, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
             ok = True  # e.g. devices=auto by default, 8 given; the consumer interprets it
+        if default == "auto" and isinstance(value, bool):
+            ok = True  # a tri-state key (auto | true | false), e.g. data.crops_on_device
         if not ok:
             raise TipslabError(
                 f"config key '{key}' in {where} or the overrides expects {_type_name(default)}, got {value!r}"

@@ -1,0 +1,90 @@
+"""Crops cut on the device: a worker ships each decoded picture with its views' boxes, and the
+device cuts all of a batch's views in one `torchvision.ops.roi_align` call per view size.
+
+Why: DINOv2's multi-crop (2 global + 8 local views a sample) costs a CPU worker ten antialiased
+resizes, more than decoding the JPEG (docs/SCALE.md, "Data loading"); on a GPU they are two
+kernel calls a batch. The boxes and flips are drawn in the worker exactly as for CPU crops
+(`GlobalCrop.draw`), so seeds, captions and masks are the same either way. The pixels differ
+from the CPU path's antialiased resize by resampling detail: roi_align averages
+``ceil(box / output)`` bilinear samples per output pixel and axis, an area filter when it
+shrinks and plain bilinear when it enlarges, as the antialiased resize is.
+
+``data.crops_on_device`` (auto: on a CUDA trainer) turns it on; `Batch.with_float_pixels` renders
+the views after the transfer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from tipslab.datamodules.transforms import CropPlan, as_float
+
+
+@dataclass
+class DeferredViews:
+    """A batch's views before they are cut (``V = num_global + num_local`` per sample)."""
+
+    sources: torch.Tensor  # uint8 (float for scenes) [B, 3, H, W]: each picture at the top left, edges repeated
+    boxes: torch.Tensor  # float32 [B, V, 4]: (x1, y1, x2, y2) of each view in its picture's pixels
+    flips: torch.Tensor  # bool [B, V]
+    global_size: int
+    local_size: int
+    num_global: int
+    num_local: int
+
+    def map(self, fn) -> DeferredViews:
+        """A copy with ``fn`` applied to every tensor (`Batch.to`, `Batch.pin_memory`)."""
+        return replace(self, sources=fn(self.sources), boxes=fn(self.boxes), flips=fn(self.flips))
+
+
+def pack_views(sources: list[torch.Tensor], plans: list[list[CropPlan]], num_global: int) -> DeferredViews:
+    """One `DeferredViews` from each sample's decoded picture ``[3, h, w]`` (uint8, or float in
+    [0, 1]) and its views' plans (global views first, then local), all samples with the same views."""
+    height = max(int(s.shape[-2]) for s in sources)
+    width = max(int(s.shape[-1]) for s in sources)
+    # Channels last: a decoded picture is height x width x 3 in memory (`to_tensor` gives a permuted
+    # view of it), so each copy below is contiguous rows, not a transpose (5x faster at 800 x 600).
+    canvas = torch.empty(len(sources), height, width, 3, dtype=sources[0].dtype)  # uint8, or float (scenes)
+    for i, pixels in enumerate(sources):
+        h, w = pixels.shape[-2:]
+        rows = pixels.permute(1, 2, 0)
+        canvas[i, :h, :w] = rows
+        # Edges repeated into the padding: a view enlarged at a picture's bottom or right edge samples
+        # past it (as the CPU resize, which repeats its crop's edge), and must not meet other pixels.
+        canvas[i, h:, :w] = rows[-1:]
+        canvas[i, :, w:] = canvas[i, :, w - 1:w]
+    canvas = canvas.permute(0, 3, 1, 2)  # [B, 3, H, W] with channels-last strides
+    boxes = torch.tensor([[(p.left, p.top, p.left + p.width, p.top + p.height) for p in views] for views in plans],
+                         dtype=torch.float32)
+    flips = torch.tensor([[p.flipped for p in views] for views in plans], dtype=torch.bool)
+    first = plans[0]
+    local = first[num_global:]
+    return DeferredViews(canvas, boxes, flips, global_size=first[0].size,
+                         local_size=local[0].size if local else 0, num_global=num_global, num_local=len(local))
+
+
+def render_views(views: DeferredViews) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(global_crops [G, B, 3, S, S], local_crops [L, B, 3, s, s] or None)``, float in [0, 1],
+    on the device the views are on."""
+    pixels = as_float(views.sources.contiguous())  # NCHW before the float copy: roi_align wants it
+    global_crops = _cut(pixels, views.boxes[:, :views.num_global], views.flips[:, :views.num_global], views.global_size)
+    local_crops = None
+    if views.num_local:
+        local_crops = _cut(pixels, views.boxes[:, views.num_global:], views.flips[:, views.num_global:],
+                           views.local_size)
+    return global_crops, local_crops
+
+
+def _cut(pixels: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    from torchvision.ops import roi_align
+
+    batch, count = boxes.shape[:2]
+    owner = torch.arange(batch, device=boxes.device, dtype=boxes.dtype).repeat_interleave(count)
+    rois = torch.cat([owner[:, None], boxes.reshape(-1, 4)], dim=1)
+    # aligned=True: a box (x1, y1, x2, y2) covers pixels x1..x2-1 whole (pixel i spans [i, i+1)), as a
+    # crop of the same box would; sampling_ratio=-1: ceil(box / size) samples per output pixel.
+    out = roi_align(pixels, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    out = torch.where(flips.reshape(-1, 1, 1, 1), out.flip(-1), out)
+    return out.view(batch, count, *out.shape[1:]).transpose(0, 1).contiguous()  # crop-major, as `collate`'s
