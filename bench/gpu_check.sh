@@ -13,6 +13,8 @@ py=${PYTHON:-python3}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   echo "=== extraction: the CUDA plan's order and vectors (tests/test_extract_pipeline.py -k gpu)"
   timeout 120 $py -m pytest -q -p no:cacheprovider tests/test_extract_pipeline.py -k gpu
+  echo "=== crops on the device: roi_align on CUDA against the CPU's, auto on for a CUDA trainer"
+  timeout 120 $py -m pytest -q -p no:cacheprovider tests/test_device_crops.py -k gpu
   echo "=== extraction against the bare bf16 forward (docs/SCALE.md, target 0.9)"
   timeout 240 $py bench/bench_extract.py --size b --image-size 224 --images 1024 --jpeg-size 448 --repeats 2 --tmp "$out"
   echo "=== the recipe's step against contrastive only (docs/RECIPE.md)"

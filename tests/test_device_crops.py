@@ -90,6 +90,16 @@ def test_a_trainer_trains_on_views_cut_after_the_transfer():
     assert seen == [(None, (2, 4, 3, 56, 56), (2, 4, 3, 28, 28), torch.float32)] * 2
 
 
+def test_deferred_batches_cross_worker_processes_unchanged():
+    def views(workers):
+        data = PretrainDataModule({**MULTI, "crops_on_device": True, "num_workers": workers}, TOKENIZER, seed=3)
+        return [b.with_float_pixels() for _, b in zip(range(3), data.train_dataloader())]
+
+    for mine, theirs in zip(views(2), views(0), strict=True):
+        assert mine.ids == theirs.ids
+        assert torch.equal(mine.global_crops, theirs.global_crops) and torch.equal(mine.local_crops, theirs.local_crops)
+
+
 def test_crops_on_device_auto_is_off_without_a_cuda_trainer_and_checked():
     assert not PretrainDataModule(MULTI, TOKENIZER).crops_on_device()
     assert first_batch().deferred is None  # auto, no trainer: the worker cuts
@@ -107,3 +117,17 @@ def test_a_draw_and_its_render_are_the_crop():
         plan, drawn = view.draw(image.shape[-2:], np.random.default_rng(seed))
         assert drawn == box and plan.flipped == flipped and plan.size == 28
         assert torch.equal(view.render(image, plan), out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="auto turns device crops on for a CUDA trainer only")
+def test_gpu_auto_cuts_on_the_gpu_what_the_cpu_cuts():
+    deferred = first_batch(crops_on_device=True)
+    on_cpu = deferred.with_float_pixels()
+    on_gpu = deferred.to("cuda", non_blocking=True).with_float_pixels()
+    assert on_gpu.global_crops.is_cuda and on_gpu.local_crops.is_cuda
+    assert torch.allclose(on_gpu.global_crops.cpu(), on_cpu.global_crops, atol=1e-5)
+    assert torch.allclose(on_gpu.local_crops.cpu(), on_cpu.local_crops, atol=1e-5)
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=1, logger=False)
+    data = PretrainDataModule(MULTI, TOKENIZER)
+    data.trainer = trainer
+    assert data.crops_on_device()
