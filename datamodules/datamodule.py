@@ -249,11 +249,14 @@ class PretrainDataModule(L.LightningDataModule):
 
     def crops_on_device(self) -> bool:
         """Whether the training views are cut on the device (``data.crops_on_device``): auto inside a
-        Trainer on CUDA, where ten crops a sample cost a worker more than the decode and a GPU little;
+        Trainer on CUDA when a sample has several views (multi-crop: ten crops cost a worker more
+        than the decode, a GPU little; one crop costs about what shipping the whole picture does);
         true always (a plain loop then calls `Batch.with_float_pixels` on its batches)."""
         setting = self.cfg["crops_on_device"]
         if setting == "auto":
-            return self.trainer is not None and _on_cuda(self.trainer)
+            views = self.views()
+            several = views.count + views.local_count > 1
+            return several and self.trainer is not None and _on_cuda(self.trainer)
         return bool(setting)
 
     def val_loader(self, batch_size: int | None = None) -> torch.utils.data.DataLoader:

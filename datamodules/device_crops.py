@@ -9,7 +9,7 @@ from the CPU path's antialiased resize by resampling detail: roi_align averages
 ``ceil(box / output)`` bilinear samples per output pixel and axis, an area filter when it
 shrinks and plain bilinear when it enlarges, as the antialiased resize is.
 
-``data.crops_on_device`` (auto: on a CUDA trainer) turns it on; `Batch.with_float_pixels` renders
+``data.crops_on_device`` (auto: on a CUDA trainer, multi-crop) turns it on; `Batch.with_float_pixels` renders
 the views after the transfer.
 """
 

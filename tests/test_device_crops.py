@@ -131,3 +131,6 @@ def test_gpu_auto_cuts_on_the_gpu_what_the_cpu_cuts():
     data = PretrainDataModule(MULTI, TOKENIZER)
     data.trainer = trainer
     assert data.crops_on_device()
+    one_view = PretrainDataModule({**MULTI, "global_crops": {"count": 1}, "local_crops": {"count": 0}}, TOKENIZER)
+    one_view.trainer = trainer
+    assert not one_view.crops_on_device()  # one crop a sample: the worker cuts it
