@@ -21,7 +21,7 @@ the tar, the one image reader, crops, captions and tokenizing. Ratios are agains
 The CPUs of a shared machine make every number noisy: compare ratios from one run, not runs.
 Never asserted in tests.
 
-    python bench/bench_data.py                      # ~20 s: 96 images of 400 x 300
+    python bench/bench_data.py                      # ~30 s: 96 images of 400 x 300
     python bench/bench_data.py --size 800x600
 """
 
