@@ -12,11 +12,11 @@ shrinks and plain bilinear when it enlarges, as the antialiased resize is.
 What travels is each picture at its decoded size: a JPEG larger than its views need is
 DCT-scaled (``data.decode_draft``) to within 2x of what its smallest possible view needs: with
 DINOv2's ViT-B views a JPEG of 1 to 64 Mpx decodes to 0.26-1.02 Mpx (a 400 x 300 picture is
-360 KB, its ten uint8 crops 531 KB); other formats travel at full size. The device holds a batch's canvas as float for
-the cut (4 bytes a pixel, freed after).
+360 KB, its ten uint8 crops 531 KB); other formats travel at full size. The device holds a
+batch's canvas as float for the cut (4 bytes a pixel, freed after).
 
-``data.crops_on_device`` (auto: on a CUDA trainer, multi-crop) turns it on; `Batch.with_float_pixels` renders
-the views after the transfer.
+``data.crops_on_device`` (auto: on a CUDA trainer, multi-crop) turns it on;
+`Batch.with_float_pixels` renders the views after the transfer.
 """
 
 from __future__ import annotations

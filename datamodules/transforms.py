@@ -160,7 +160,7 @@ class GlobalCrop:
              source_size=None) -> tuple[CropPlan, tuple[int, int, int, int]]:
         """The random part of `crop` alone: ``(plan, box)``, the plan in the pixels of an image of
         ``pixels_hw = (height, width)`` (the box in the full image's). Same draws in the same order,
-        so a sample whose crops are made later, elsewhere (`render_crops` on the device), gets the
+        so a sample whose crops are made later, elsewhere (`device_crops.render_views`), gets the
         same boxes, flips and captions."""
         height, width = int(pixels_hw[0]), int(pixels_hw[1])
         full_h, full_w = (source_size[1], source_size[0]) if source_size is not None else (height, width)
