@@ -7,12 +7,15 @@ there is: the tower and a linear head trained with *supervised per-patch labels*
 the colour of the object covering each 14-px patch, from the scenes' masks), then per-patch
 accuracy on held-out scenes, on the patches that lie on an object, against the majority class.
 
-Each run is ``stem:steps``. ``patch`` is the tower as every experiment builds it (timm's 14-px
-patch embedding); ``overlap`` a 28-px kernel at stride 14 (each token sees its neighbours'
-borders); ``convstem`` three convolutions down to stride 14 (Xiao et al., "Early convolutions help
-transformers see better"). The stems are built here only: no experiment uses them.
+Each run is ``stem:steps``. ``patch`` is the tower as the official architecture builds it (timm's
+14-px patch embedding); ``conv`` the tower with ``model.vision.stem: conv`` (modules/conv_stem.py);
+``cnn`` no transformer at all, a plain CNN of the same stem's shape with batch norm, the reference
+for how fast shape can be learned from these labels. Built here only: ``overlap`` a 28-px kernel
+at stride 14 (each token sees its neighbours' borders) and ``convstem`` three convolutions down to
+stride 14, a single 7x7 at stride 7 last (Xiao et al., "Early convolutions help transformers see
+better").
 
-    python bench/bench_shape_learning.py                          # ~10 min on 2 cores
+    python bench/bench_shape_learning.py                          # ~15 min on 2 cores
     python bench/bench_shape_learning.py --runs patch:300 --threads 1
 
 Never asserted in tests; the numbers move a few points with the seed.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -70,9 +74,36 @@ def tower(stem: str, image_size: int) -> nn.Module:
             nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.GELU(),
             nn.Conv2d(32, 64, 3, stride=1, padding=1), nn.GELU(),
             nn.Conv2d(64, width, 7, stride=7))
+    elif stem == "conv":
+        model = VisionTower("tiny", image_size, stem="conv")
+    elif stem == "cnn":
+        model = PlainCNN(width)
     elif stem != "patch":
-        raise SystemExit(f"unknown stem {stem!r}; expected patch, overlap or convstem")
+        raise SystemExit(f"unknown stem {stem!r}; expected patch, conv, cnn, overlap or convstem")
     return model
+
+
+class PlainCNN(nn.Module):
+    """Six 3x3 convolutions to stride 4 with batch norm, pooled to the 14-px grid, one more 3x3:
+    per-patch features with a CNN's locality and nothing else."""
+
+    def __init__(self, width: int):
+        super().__init__()
+
+        def conv(inputs: int, outputs: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv2d(inputs, outputs, 3, stride=stride, padding=1), nn.BatchNorm2d(outputs), nn.ReLU()]
+
+        self.embed_dim = width
+        self.features = nn.Sequential(*conv(3, 32, 1), *conv(32, 64, 2), *conv(64, 96, 1), *conv(96, 128, 2),
+                                      *conv(128, width, 1), *conv(width, width, 1))
+        self.mix = nn.Sequential(*conv(width, width, 1))
+
+    def forward(self, images: torch.Tensor) -> SimpleNamespace:
+        from tipslab.modules.vision import PATCH_SIZE
+
+        grid = (images.shape[-2] // PATCH_SIZE, images.shape[-1] // PATCH_SIZE)
+        pooled = nn.functional.adaptive_avg_pool2d(self.features(images), grid)
+        return SimpleNamespace(patches=self.mix(pooled).flatten(2).transpose(1, 2))  # as VisionOutput.patches
 
 
 def train_and_score(stem: str, steps: int, args) -> dict:
@@ -110,7 +141,7 @@ def train_and_score(stem: str, steps: int, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", default="patch:300,overlap:300,convstem:300,patch:1000",
+    parser.add_argument("--runs", default="patch:300,conv:300,cnn:300,patch:1000",
                         help="comma-separated stem:steps")
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--batch", type=int, default=32)

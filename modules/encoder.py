@@ -90,6 +90,7 @@ def build_encoder(model_cfg) -> ImageTextEncoder:
         pos_grid=_get(vision_cfg, "pos_grid"),
         registers=int(_get(vision_cfg, "registers", 0)),
         dense_readout=str(_get(vision_cfg, "dense_readout", "residual")),
+        stem=str(_get(vision_cfg, "stem", "patch")),
     )
     text = TextTower(
         str(_get(text_cfg, "size", "tiny")),

@@ -84,6 +84,9 @@ def _is_swiglu(size: str) -> bool:
 
 def official_vision_state(tower: VisionTower) -> dict[str, torch.Tensor]:
     """The tower's weights in the official (DINOv2) layout."""
+    if tower.stem != "patch":
+        raise TipslabError(f"a vision tower with model.vision.stem={tower.stem!r} has no official layout (the "
+                           "official towers have a 14-px linear patch embedding); save it as a tipslab checkpoint")
     out: dict[str, torch.Tensor] = {}
     swiglu = _is_swiglu(tower.size)
     for key, value in tower.state_dict().items():

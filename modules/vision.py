@@ -35,6 +35,8 @@ PATCH_SIZE = 14
 # agree); s is the official `vit_small`; tiny is a CPU size for demos and tests.
 # What `forward_dense` keeps of the last block besides the value path (see its docstring).
 DENSE_READOUTS = ("residual", "value")
+# The patch embedding: the official 14-px linear one, or a small CNN (modules/conv_stem.py).
+STEMS = ("patch", "conv")
 
 VISION_SIZES: dict[str, dict] = {
     "tiny": dict(embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0),
@@ -108,7 +110,7 @@ class VisionTower(nn.Module):
     """
 
     def __init__(self, size: str, img_size: int = 224, drop_path_rate: float = 0.0, pos_grid: int | None = None,
-                 registers: int = 0, dense_readout: str = "residual"):
+                 registers: int = 0, dense_readout: str = "residual", stem: str = "patch"):
         super().__init__()
         from timm.models.vision_transformer import VisionTransformer
 
@@ -132,6 +134,13 @@ class VisionTower(nn.Module):
         self.dense_readout = dense_readout
         self.vit = VisionTransformer(**timm_vit_kwargs(size, pos_grid * PATCH_SIZE, drop_path_rate, self.registers))
         self.embed_dim = self.vit.embed_dim
+        if stem not in STEMS:
+            raise TipslabError(f"model.vision.stem={stem!r}; expected one of {', '.join(STEMS)}")
+        self.stem = stem
+        if stem == "conv":  # timm's PatchEmbed keeps its grid bookkeeping; only the projection changes
+            from tipslab.modules.conv_stem import ConvStem
+
+            self.vit.patch_embed.proj = ConvStem(self.embed_dim, PATCH_SIZE)
         # DINOv2 initialises the mask token to zeros; shape [1, D] as in the official files.
         self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim))
         # timm starts CLS and register near zero (std 1e-6): two near-equal tokens with no position
