@@ -9,8 +9,8 @@ accuracy on held-out scenes, on the patches that lie on an object, against the m
 
 Each run is ``stem:steps``. ``patch`` is the tower as the official architecture builds it (timm's
 14-px patch embedding); ``conv`` the tower with ``model.vision.stem: conv`` (modules/conv_stem.py);
-``cnn`` no transformer at all, a plain CNN of the same stem's shape with batch norm, the reference
-for how fast shape can be learned from these labels. Built here only: ``overlap`` a 28-px kernel
+``cnn`` no transformer at all, a plain CNN (a deeper, full-resolution relative of that stem, with
+batch norm), the reference for how fast shape can be learned from these labels. Built here only: ``overlap`` a 28-px kernel
 at stride 14 (each token sees its neighbours' borders) and ``convstem`` three convolutions down to
 stride 14, a single 7x7 at stride 7 last (Xiao et al., "Early convolutions help transformers see
 better").

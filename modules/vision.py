@@ -132,11 +132,11 @@ class VisionTower(nn.Module):
         if dense_readout not in DENSE_READOUTS:
             raise TipslabError(f"model.vision.dense_readout={dense_readout!r}; expected one of {', '.join(DENSE_READOUTS)}")
         self.dense_readout = dense_readout
-        self.vit = VisionTransformer(**timm_vit_kwargs(size, pos_grid * PATCH_SIZE, drop_path_rate, self.registers))
-        self.embed_dim = self.vit.embed_dim
         if stem not in STEMS:
             raise TipslabError(f"model.vision.stem={stem!r}; expected one of {', '.join(STEMS)}")
         self.stem = stem
+        self.vit = VisionTransformer(**timm_vit_kwargs(size, pos_grid * PATCH_SIZE, drop_path_rate, self.registers))
+        self.embed_dim = self.vit.embed_dim
         if stem == "conv":  # timm's PatchEmbed keeps its grid bookkeeping; only the projection changes
             from tipslab.modules.conv_stem import ConvStem
 
