@@ -1,6 +1,7 @@
 """Data-loader benchmark: images/s of the pretraining loader per worker against raw JPEG decoding.
 
-Writes JPEG shards with `tipslab shards` (photo-like pictures at ``--size``), then, in the same
+Writes JPEG shards with `tipslab shards` (photo-like pictures at ``--size``; several sizes, comma
+separated, are taken in turn, as a real collection mixes them), then, in the same
 run, measures:
 
 - ``decode``: the raw rate of PIL opening and fully decoding those JPEG bytes (the baseline);
@@ -23,6 +24,7 @@ Never asserted in tests.
 
     python bench/bench_data.py                      # ~30 s: 96 images of 400 x 300
     python bench/bench_data.py --size 800x600
+    python bench/bench_data.py --size 800x600,400x300,600x800   # mixed sizes
 """
 
 from __future__ import annotations
@@ -53,14 +55,14 @@ def photo(width: int, height: int, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def write_source(folder: Path, count: int, width: int, height: int) -> Path:
+def write_source(folder: Path, count: int, sizes: list[tuple[int, int]]) -> Path:
     from tipslab.platform.cli import main
 
     images = folder / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
     for i in range(count):
-        photo(width, height, rng).save(images / f"{i:05d}.jpg", quality=90)
+        photo(*sizes[i % len(sizes)], rng).save(images / f"{i:05d}.jpg", quality=90)
         (images / f"{i:05d}.json").write_text('{"captions": {"alt": "a photo", "short": "A photo of waves.", '
                                               '"long": "A photo of coloured waves with fine grain all over it."}}')
     out = folder / "shards"
@@ -93,12 +95,19 @@ def loader_rate(shards: Path, views: dict, batch_size: int, images: int, trainin
     loader.stream.float_pixels = not training_path
     iterator = iter(loader)
     next(iterator)  # warm-up: opening the first shard, first allocations
+    # Batches are dropped as they come, as a worker hands each one on: holding them all would grow
+    # the process and make every new batch's memory fresh pages (page faults that a worker in
+    # steady state does not pay). A few are kept for timing the cut below.
     done, start, batches = 0, time.perf_counter(), []
     while done < images:
-        batches.append(next(iterator))
-        done += len(batches[-1].ids)
+        batch = next(iterator)
+        done += len(batch.ids)
+        if cut is not None and crops_on_device and len(batches) < 4:
+            batches.append(batch)
+        del batch
     rate = done / (time.perf_counter() - start)
-    if cut is not None and crops_on_device:
+    if batches:
+        done = sum(len(batch.ids) for batch in batches)
         start = time.perf_counter()
         for batch in batches:
             batch.with_float_pixels()
@@ -109,15 +118,15 @@ def loader_rate(shards: Path, views: dict, batch_size: int, images: int, trainin
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=96, help="pictures in the shards (and per measurement)")
-    parser.add_argument("--size", default="400x300", help="picture size WxH")
+    parser.add_argument("--size", default="400x300", help="picture size WxH, or several: WxH,WxH,...")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
-    width, height = (int(v) for v in args.size.lower().split("x"))
+    sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.size.split(",")]
     import torch
 
     torch.set_num_threads(1)  # one worker is one thread of work
     with tempfile.TemporaryDirectory() as tmp:
-        images = write_source(Path(tmp), args.images, width, height)
+        images = write_source(Path(tmp), args.images, sizes)
         rows = [("raw JPEG decode (PIL)", decode_rate(images, repeats=2))]
         cut: list[float] = []
         for name, views in VIEWS.items():
@@ -130,7 +139,7 @@ def main() -> None:
                 rows.append((label, loader_rate(Path(tmp) / "shards", views, args.batch_size, args.images,
                                                 True, crops_on_device=True, cut=cut)))
     base = rows[0][1]
-    print(f"\n{args.images} JPEGs of {width}x{height}, one process (= one data-loader worker), 1 thread; "
+    print(f"\n{args.images} JPEGs of {args.size}, one process (= one data-loader worker), 1 thread; "
           "shared CPUs: numbers are noisy, compare the ratios")
     print(f"{'measure':66s} {'images/s':>10s} {'/ decode':>9s}")
     for name, rate in rows:

@@ -130,11 +130,21 @@ def parallelize_system(system, device_mesh, cfg) -> None:
     distill = getattr(system, "distill_teacher", None)
     if distill is not None:
         distill.to(system.device if system.device.type != "meta" else "cpu")
+    distill_dense = distill is not None and any(k.role == "distill" and k.kind == "dense"
+                                                for k in getattr(system, "needed", ()))
     for tower in teacher_towers(system):
         for block in tower.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+            if not (tower is distill and distill_dense and block is tower.blocks[-1]):
+                fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     if distill is not None:
         fully_shard(distill, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+        if distill_dense:
+            # `components.distill.patch_kind=dense` calls the frozen tower's `forward_dense`, not its
+            # `forward`: registered, it gathers the tower's root unit (which holds the last block, read
+            # outside that block's forward) as `forward` would.
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            register_fsdp_forward_method(distill, "forward_dense")
     # 4. trained blocks, then the root (which also takes the blocks left out of sharding)
     unsharded = blocks_read_outside_forward(system)
     for block in transformer_blocks(system):

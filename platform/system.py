@@ -147,7 +147,11 @@ class PretrainingSystem(L.LightningModule):
         kinds = self._wants("distill")
         if kinds:
             with torch.no_grad():
-                keep("distill", "global", self.distill_teacher(global_images), kinds)
+                if kinds - {"dense"}:
+                    keep("distill", "global", self.distill_teacher(global_images), kinds)
+                if "dense" in kinds:  # the teacher's own dense readout
+                    store[FeatureKey("distill", "global", "dense")] = self.distill_teacher.forward_dense(
+                        global_images).patches
         self._text_features(batch, store)
         return features
 

@@ -134,3 +134,30 @@ def test_gpu_auto_cuts_on_the_gpu_what_the_cpu_cuts():
     one_view = PretrainDataModule({**MULTI, "global_crops": {"count": 1}, "local_crops": {"count": 0}}, TOKENIZER)
     one_view.trainer = trainer
     assert not one_view.crops_on_device()  # one crop a sample: the worker cuts it
+
+
+def test_a_one_pixel_edge_cuts_what_a_fully_repeated_padding_cuts():
+    # pack_views repeats each picture's edge one pixel into the canvas, not across the padding:
+    # views touching the right or bottom edge, shrunk and enlarged, must not see the difference.
+    from dataclasses import replace
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = [(37, 50), (20, 13), (50, 29), (9, 41)]
+    sources = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for h, w in sizes]
+    plans = []
+    for h, w in sizes:
+        views = [CropPlan(0, 0, h, w, 24, False),             # the whole picture, enlarged or shrunk
+                 CropPlan(h // 2, w // 2, h - h // 2, w - w // 2, 40, True),  # bottom right, enlarged
+                 CropPlan(h - 3, w - 5, 3, 5, 16, False)]     # a sliver at the corner, much enlarged
+        plans.append(views)
+    views = pack_views(sources, plans, num_global=1)
+    height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+    full = torch.stack([torch.nn.functional.pad(s[None].float(), (0, width - s.shape[-1], 0, height - s.shape[-2]),
+                                                mode="replicate")[0] for s in sources])
+    assert views.sources.shape == full.shape
+    expected = render_views(replace(views, sources=full / 255))
+    got = render_views(views)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    # Beyond the one-pixel edge the canvas is zero, not left over memory.
+    assert int(views.sources[1, :, :, 14:].sum()) == 0 and int(views.sources[0, :, 38:, :].sum()) == 0

@@ -161,6 +161,41 @@ def test_frozen_distillation_teacher_supervises_through_a_projection_and_stays_o
     assert not any(id(p) in trained for p in system.distill_teacher.parameters())
 
 
+def test_distilling_the_dense_readout_pulls_the_students_dense_patches_to_the_teachers(tmp_path):
+    from tipslab.modules.losses import cosine_distillation_loss
+
+    teacher_cfg = {"vision": {"size": "tiny", "img_size": 56, "dense_readout": "value"},
+                   "text": {"size": "tiny", "context_length": 16}, "tokenizer": {"kind": "bpe", "context_length": 16}}
+    torch.manual_seed(1)
+    save_checkpoint(build_encoder(teacher_cfg), teacher_cfg, tmp_path / "teacher")
+    common = [*SMALL, f"distill_teacher.path={tmp_path / 'teacher'}", "components.distill.enabled=true",
+              "components.distill.cls_weight=0", "data.masking.enabled=false"]
+    cfg = load_config("ablate_contrastive", [*common, "components.distill.patch_kind=dense"])
+    system = PretrainingSystem(cfg)
+    batch = _batch(cfg)
+    features = system.compute_features(batch)
+    images = batch.global_crops.flatten(0, 1)
+    with torch.no_grad():
+        teacher_dense = system.distill_teacher.forward_dense(images).patches
+        teacher_patches = system.distill_teacher(images).patches
+    assert torch.equal(features["distill/global/dense"], teacher_dense)
+    student_dense = system.encoder.vision.forward_dense(images).patches
+    torch.testing.assert_close(features["student/global/dense"], student_dense)
+    _, outputs = system(batch)
+    expected = cosine_distillation_loss(student_dense, teacher_dense)
+    torch.testing.assert_close(outputs["distill"].losses["patch_loss"], expected)
+    # The default (the paper's) meets the last block's tokens: another target, another loss.
+    default = PretrainingSystem(load_config("ablate_contrastive", common))
+    default.load_state_dict(system.state_dict())
+    _, outputs = default(batch)
+    student_patches = default.encoder.vision(images).patches
+    torch.testing.assert_close(outputs["distill"].losses["patch_loss"],
+                               cosine_distillation_loss(student_patches, teacher_patches))
+    assert not torch.allclose(outputs["distill"].losses["patch_loss"], expected)
+    with pytest.raises(TipslabError, match="components.distill.patch_kind"):
+        PretrainingSystem(load_config("ablate_contrastive", [*common, "components.distill.patch_kind=value"]))
+
+
 def test_clip_grad_norm_scales_to_max_norm_and_reports_the_norm_before():
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
     a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])

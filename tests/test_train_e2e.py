@@ -113,7 +113,8 @@ def test_fsdp2_on_two_cpu_processes_trains_checkpoints_and_resumes(tmp_path):
 
 def test_fsdp2_full_ema_teacher_and_frozen_distillation_teacher_on_two_processes(tmp_path):
     """Teachers sharded as inference-only models: a full-EMA tower inside the system, a frozen
-    tower outside it; the frozen one stays out of the checkpoint."""
+    tower outside it, read through its dense readout (`forward_dense`, not `forward`: registered
+    with FSDP2); the frozen one stays out of the checkpoint."""
     from tipslab.modules.checkpoint import save_checkpoint
     from tipslab.modules.encoder import build_encoder
 
@@ -124,7 +125,7 @@ def test_fsdp2_full_ema_teacher_and_frozen_distillation_teacher_on_two_processes
     out = _tipslab("train", WHOLE, *TINY, f"run_dir={run_dir}", "trainer.strategy=fsdp", "trainer.devices=2",
                    "trainer.accelerator=cpu", "tracking.pictures=false", "eval.pointing_game=false", "eval.suites=[]",
                    "ema.mode=full", "components.distill.enabled=true", f"distill_teacher.path={tmp_path / 'teacher'}",
-                   "trainer.max_steps=3")
+                   "components.distill.patch_kind=dense", "trainer.max_steps=3")
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = run_dir / "latest"
     assert (run_dir / "model" / "model.safetensors").is_file()
