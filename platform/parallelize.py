@@ -49,13 +49,18 @@ def transformer_blocks(system) -> list[nn.Module]:
 
 
 def blocks_read_outside_forward(system) -> list[nn.Module]:
-    """Trained blocks that must join the root unit instead of their own: the dense readout
+    """Blocks that must join their tower's root unit instead of their own: the dense readout
     (`VisionTower.forward_dense`) calls the last vision block's layers outside that block's
-    forward, where its own FSDP2 unit would hold them sharded. The root's parameters stay
-    gathered from the system's forward through its backward, so reading them anywhere in
-    between is safe; the cost is one block's parameters unsharded."""
+    forward, where its own FSDP2 unit would hold them sharded. For the trained tower the root is
+    the system, whose parameters stay gathered from its forward through its backward, so reading
+    them anywhere in between is safe; the frozen distillation tower is its own root (its dense
+    methods are registered with FSDP2). The cost is one block's parameters unsharded."""
     needed = getattr(system, "needed", ())
-    return [system.encoder.vision.blocks[-1]] if any(k.kind == "dense" for k in needed) else []
+    blocks = [system.encoder.vision.blocks[-1]] if any(k.kind == "dense" and k.role != "distill" for k in needed) else []
+    distill = getattr(system, "distill_teacher", None)
+    if distill is not None and any(k.kind == "dense" and k.role == "distill" for k in needed):
+        blocks.append(distill.blocks[-1])  # the frozen tower's dense readout: it joins that tower's root
+    return blocks
 
 
 def teacher_towers(system) -> list[nn.Module]:
@@ -130,23 +135,22 @@ def parallelize_system(system, device_mesh, cfg) -> None:
     distill = getattr(system, "distill_teacher", None)
     if distill is not None:
         distill.to(system.device if system.device.type != "meta" else "cpu")
-    distill_dense = distill is not None and any(k.role == "distill" and k.kind == "dense"
-                                                for k in getattr(system, "needed", ()))
+    unsharded = blocks_read_outside_forward(system)
     for tower in teacher_towers(system):
         for block in tower.blocks:
-            if not (tower is distill and distill_dense and block is tower.blocks[-1]):
+            if block not in unsharded:
                 fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     if distill is not None:
         fully_shard(distill, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-        if distill_dense:
-            # `components.distill.patch_kind=dense` calls the frozen tower's `forward_dense`, not its
-            # `forward`: registered, it gathers the tower's root unit (which holds the last block, read
-            # outside that block's forward) as `forward` would.
+        if distill.blocks[-1] in unsharded:
+            # `components.distill.patch_kind=dense` reads the frozen tower through `forward_dense` or
+            # `forward_with_dense`, not its `forward`: registered, they gather the tower's root unit
+            # (which holds the last block, read outside that block's forward) as `forward` would.
             from torch.distributed.fsdp import register_fsdp_forward_method
 
-            register_fsdp_forward_method(distill, "forward_dense")
+            for method in ("forward_dense", "forward_with_dense"):
+                register_fsdp_forward_method(distill, method)
     # 4. trained blocks, then the root (which also takes the blocks left out of sharding)
-    unsharded = blocks_read_outside_forward(system)
     for block in transformer_blocks(system):
         if block not in unsharded:
             fully_shard(block, mesh=mesh, mp_policy=policy)

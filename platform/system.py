@@ -125,17 +125,20 @@ class PretrainingSystem(L.LightningModule):
             for kind in kinds - {"dense"}:
                 store[FeatureKey(role, view, kind)] = getattr(out, kind)
 
-        kinds = self._wants("student", "global")
-        if "dense" in kinds and kinds != {"dense"} and masks is None:
-            # Both from one pass through the shared blocks (the dense readout differs in the last only).
-            out, dense = self.encoder.vision.forward_with_dense(global_images)
-            keep("student", "global", out, kinds)
-            store[FeatureKey("student", "global", "dense")] = dense.patches
-        else:
+        def keep_global(role: str, tower, kinds: set[str], mask=None) -> None:
+            """``kinds`` of ``tower`` on the global crops, the dense readout among them."""
+            if "dense" in kinds and kinds != {"dense"} and mask is None:
+                # Both from one pass through the shared blocks (the dense readout differs in the last only).
+                out, dense = tower.forward_with_dense(global_images)
+                keep(role, "global", out, kinds)
+                store[FeatureKey(role, "global", "dense")] = dense.patches
+                return
             if kinds - {"dense"}:
-                keep("student", "global", self.encoder.vision(global_images, mask=masks), kinds)
+                keep(role, "global", tower(global_images, mask=mask), kinds)
             if "dense" in kinds:  # the dense readout sees unmasked crops
-                store[FeatureKey("student", "global", "dense")] = self.encoder.vision.forward_dense(global_images).patches
+                store[FeatureKey(role, "global", "dense")] = tower.forward_dense(global_images).patches
+
+        keep_global("student", self.encoder.vision, self._wants("student", "global"), masks)
         kinds = self._wants("student", "local")
         if kinds:
             if batch.local_crops is None:
@@ -147,11 +150,7 @@ class PretrainingSystem(L.LightningModule):
         kinds = self._wants("distill")
         if kinds:
             with torch.no_grad():
-                if kinds - {"dense"}:
-                    keep("distill", "global", self.distill_teacher(global_images), kinds)
-                if "dense" in kinds:  # the teacher's own dense readout
-                    store[FeatureKey("distill", "global", "dense")] = self.distill_teacher.forward_dense(
-                        global_images).patches
+                keep_global("distill", self.distill_teacher, kinds)
         self._text_features(batch, store)
         return features
 
