@@ -17,7 +17,11 @@ larger than the crops need; ``uint8 out``: views leave the worker as uint8 and b
 the device, not counted here). The ViT-B views run a third time with ``data.crops_on_device``: the
 worker ships the decoded pictures and the views' boxes and the device cuts the crops
 (`datamodules/device_crops.py`, auto on a CUDA trainer); that row is the worker's part, and the
-cutting (roi_align) on this CPU is printed under the table. The loader numbers include reading
+cutting (roi_align) on this CPU is printed under the table. Each setting runs once more with
+``data.decode_on_device``: plain JPEGs leave the worker as bytes and the device decodes them
+(nvJPEG on a GPU; `datamodules/encoded_jpeg.py`), pastes and cuts; that row is again the
+worker's part, and what the device does is timed on this CPU under the table (the decoder is
+torchvision's libjpeg-turbo, whose raw rate is the second baseline row). The loader numbers include reading
 the tar, the one image reader, crops, captions and tokenizing. Ratios are against ``decode`` (target: the loader within 80% of decode, ratio >= 0.8).
 The CPUs of a shared machine make every number noisy: compare ratios from one run, not runs.
 Never asserted in tests.
@@ -80,16 +84,34 @@ def decode_rate(images: Path, repeats: int) -> float:
     return repeats * len(blobs) / (time.perf_counter() - start)
 
 
+def torchvision_decode_rate(images: Path, repeats: int) -> float:
+    """The same JPEGs through the decoder ``data.decode_on_device`` calls (here on the CPU)."""
+    from tipslab.datamodules.encoded_jpeg import EncodedJpeg, decode_jpegs
+
+    encoded = []
+    for path in sorted(images.glob("*.jpg")):
+        with Image.open(path) as image:
+            encoded.append(EncodedJpeg(path.read_bytes(), *image.size))
+    decode_jpegs(encoded[:1], "cpu")  # warm-up: the first call imports torchvision's decoder
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for image in encoded:
+            decode_jpegs([image], "cpu")
+    return repeats * len(encoded) / (time.perf_counter() - start)
+
+
 def loader_rate(shards: Path, views: dict, batch_size: int, images: int, training_path: bool = True,
-                crops_on_device: bool = False, cut: list | None = None) -> float:
+                crops_on_device: bool = False, cut: list | None = None, decode_on_device: bool = False,
+                device: str = "cpu") -> float:
     """Images/s of the loader's batches in this process; ``cut`` (a list) gets the seconds per
-    image of cutting deferred views (``crops_on_device``) here, outside the measured loop."""
+    image of what the device does to deferred views (``crops_on_device``: cutting them;
+    ``decode_on_device``: decoding the JPEGs, pasting and cutting) here, outside the measured loop."""
     from tipslab.datamodules.datamodule import PretrainDataModule
     from tipslab.modules.tokenizers import build_tokenizer
 
     cfg = {"source": "shards", "path": str(shards), "batch_size": batch_size, "num_workers": 0,
            "caption_granularities": ["short", "long"], "decode_draft": training_path,
-           "crops_on_device": crops_on_device, **views}
+           "crops_on_device": crops_on_device, "decode_on_device": decode_on_device, **views}
     loader = PretrainDataModule(cfg, build_tokenizer(context_length=64), seed=0).train_dataloader()
     # Inside a Trainer the views leave the worker as uint8 and become float on the device.
     loader.stream.float_pixels = not training_path
@@ -107,10 +129,16 @@ def loader_rate(shards: Path, views: dict, batch_size: int, images: int, trainin
         del batch
     rate = done / (time.perf_counter() - start)
     if batches:
+        import torch
+
         done = sum(len(batch.ids) for batch in batches)
+        batches[0].to(device).with_float_pixels()  # warm-up: kernels, the decoder's first call
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        sync()
         start = time.perf_counter()
         for batch in batches:
-            batch.with_float_pixels()
+            batch.to(device, non_blocking=True).with_float_pixels()
+        sync()
         cut.append((time.perf_counter() - start) / done)
     return rate
 
@@ -120,6 +148,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=96, help="pictures in the shards (and per measurement)")
     parser.add_argument("--size", default="400x300", help="picture size WxH, or several: WxH,WxH,...")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="where the deferred views' work is timed (cuda: on a GPU)")
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.size.split(",")]
     import torch
@@ -127,26 +156,36 @@ def main() -> None:
     torch.set_num_threads(1)  # one worker is one thread of work
     with tempfile.TemporaryDirectory() as tmp:
         images = write_source(Path(tmp), args.images, sizes)
-        rows = [("raw JPEG decode (PIL)", decode_rate(images, repeats=2))]
-        cut: list[float] = []
+        rows = [("raw JPEG decode (PIL)", decode_rate(images, repeats=2)),
+                ("raw JPEG decode (torchvision, data.decode_on_device's decoder)",
+                 torchvision_decode_rate(images, repeats=2))]
+        cut: list[tuple[str, float]] = []
+        shards = Path(tmp) / "shards"
         for name, views in VIEWS.items():
             for training_path in (False, True):
                 label = f"loader {name} ({_describe(views)}){', draft, uint8 out' if training_path else ''}"
-                rows.append((label, loader_rate(Path(tmp) / "shards", views, args.batch_size, args.images,
-                                                training_path)))
+                rows.append((label, loader_rate(shards, views, args.batch_size, args.images, training_path)))
             if views["local_crops"]["count"]:
                 label = f"loader {name} ({_describe(views)}), draft, crops on the device"
-                rows.append((label, loader_rate(Path(tmp) / "shards", views, args.batch_size, args.images,
-                                                True, crops_on_device=True, cut=cut)))
+                seconds: list[float] = []
+                rows.append((label, loader_rate(shards, views, args.batch_size, args.images, True,
+                                                crops_on_device=True, cut=seconds, device=args.device)))
+                cut += [(f"{name}: cutting the views (roi_align, float)", s) for s in seconds]
+            label = f"loader {name} ({_describe(views)}), draft, JPEGs decoded and cut on the device"
+            seconds = []
+            rows.append((label, loader_rate(shards, views, args.batch_size, args.images, True, crops_on_device=True,
+                                            decode_on_device=True, cut=seconds, device=args.device)))
+            cut += [(f"{name}: decoding the JPEGs, pasting and cutting", s) for s in seconds]
     base = rows[0][1]
     print(f"\n{args.images} JPEGs of {args.size}, one process (= one data-loader worker), 1 thread; "
           "shared CPUs: numbers are noisy, compare the ratios")
-    print(f"{'measure':66s} {'images/s':>10s} {'/ decode':>9s}")
+    print(f"{'measure':82s} {'images/s':>10s} {'/ decode':>9s}")
     for name, rate in rows:
-        print(f"{name:66s} {rate:10.1f} {rate / base:9.2f}")
-    for seconds in cut:
-        print(f"crops on the device: cutting them (roi_align, float) on this CPU instead costs {1e3 * seconds:.2f} ms "
-              "per image, 1 thread")
+        print(f"{name:82s} {rate:10.1f} {rate / base:9.2f}")
+    where = "this CPU, 1 thread (a GPU decodes with nvJPEG: --device cuda)" if args.device == "cpu" else args.device
+    print(f"\nWhat the device does instead, timed on {where}, a batch at a time:")
+    for what, seconds in cut:
+        print(f"  {what}: {1e3 * seconds:.2f} ms per image")
 
 
 def _describe(views: dict) -> str:

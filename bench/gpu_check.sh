@@ -15,6 +15,10 @@ py=${PYTHON:-python3}
   timeout 120 $py -m pytest -q -p no:cacheprovider tests/test_extract_pipeline.py -k gpu
   echo "=== crops on the device: roi_align on CUDA against the CPU's, auto on for a CUDA trainer"
   timeout 120 $py -m pytest -q -p no:cacheprovider tests/test_device_crops.py -k gpu
+  echo "=== JPEGs decoded on the device: nvJPEG against the CPU's libjpeg-turbo (tests/test_decode_on_device.py -k gpu)"
+  timeout 120 $py -m pytest -q -p no:cacheprovider tests/test_decode_on_device.py -k gpu
+  echo "=== the loader's worker against decode, the device's part timed on the GPU (docs/SCALE.md, target 0.8)"
+  timeout 120 $py bench/bench_data.py --images 192 --size 800x600,400x300,600x800 --device cuda
   echo "=== extraction against the bare bf16 forward (docs/SCALE.md, target 0.9)"
   timeout 240 $py bench/bench_extract.py --size b --image-size 224 --images 1024 --jpeg-size 448 --repeats 2 --tmp "$out"
   echo "=== the recipe's step against contrastive only (docs/RECIPE.md)"

@@ -69,6 +69,7 @@ DEFAULTS = {
     "max_image_pixels": MAX_PIXELS,
     "decode_draft": True,
     "crops_on_device": "auto",
+    "decode_on_device": "auto",
     "bad_samples": {"max_share": 0.1, "min_seen": 1000},
     "hard_negatives": {"words": []},
 }
@@ -125,8 +126,12 @@ class PretrainDataModule(L.LightningDataModule):
         bad = {**DEFAULTS["bad_samples"], **dict(cfg["bad_samples"] or {})}
         QualityGate(bad["max_share"], bad["min_seen"])  # bad values fail here, not at the first batch
         self._logged_at = -1
-        if cfg["crops_on_device"] not in ("auto", True, False):
-            raise TipslabError(f"data.crops_on_device={cfg['crops_on_device']!r}; expected auto, true or false")
+        for key in ("crops_on_device", "decode_on_device"):
+            if cfg[key] not in ("auto", True, False):
+                raise TipslabError(f"data.{key}={cfg[key]!r}; expected auto, true or false")
+        if cfg["decode_on_device"] is True and cfg["crops_on_device"] is False:
+            raise TipslabError("data.decode_on_device=true needs the views cut on the device too "
+                               "(data.crops_on_device: auto or true): they are cut from the decoded pictures")
         stages = parse_stages(list(cfg["resolution_stages"] or []), self.image_size)
         self.processor = ResolutionStages(stages, self._processor) if len(stages) > 1 else self._processor(self.image_size)
         # Weak: the trainer holds the loader it trains from; loaders others asked for may go.
@@ -233,6 +238,9 @@ class PretrainDataModule(L.LightningDataModule):
         defer = self.crops_on_device()
         for processor in getattr(self.processor, "processors", [self.processor]):
             processor.defer_crops = defer
+        source = getattr(stream, "shards", None) or getattr(stream, "dataset", None)
+        if hasattr(source, "keep_jpeg"):  # shards, manifests: JPEG files
+            source.keep_jpeg = defer and self.decode_on_device()
         workers = int(self.cfg["num_workers"])
         loader = ResumableLoader(
             stream,
@@ -251,12 +259,26 @@ class PretrainDataModule(L.LightningDataModule):
         """Whether the training views are cut on the device (``data.crops_on_device``): auto inside a
         Trainer on CUDA when a sample has several views (multi-crop: ten crops cost a worker more
         than the decode, a GPU little; one crop costs about what shipping the whole picture does);
-        true always (a plain loop then calls `Batch.with_float_pixels` on its batches)."""
+        true always (a plain loop then calls `Batch.with_float_pixels` on its batches); auto is also
+        on where ``data.decode_on_device`` is true: the views are cut from the pictures decoded there."""
         setting = self.cfg["crops_on_device"]
         if setting == "auto":
+            if self.cfg["decode_on_device"] is True:
+                return True
             views = self.views()
             several = views.count + views.local_count > 1
-            return several and self.trainer is not None and _on_cuda(self.trainer)
+            return (several or self.decode_on_device()) and self.trainer is not None and _on_cuda(self.trainer)
+        return bool(setting)
+
+    def decode_on_device(self) -> bool:
+        """Whether plain JPEGs travel encoded and are decoded on the device (``data.decode_on_device``,
+        `encoded_jpeg.py`): auto inside a Trainer on CUDA for JPEG sources (shards, manifests), where
+        a batch decodes in one nvJPEG call; true always (a plain loop decodes on the CPU, in
+        `Batch.with_float_pixels`). The views are then cut on the device too."""
+        setting = self.cfg["decode_on_device"]
+        if setting == "auto":
+            return (self.cfg["source"] in ("shards", "manifest") and self.trainer is not None
+                    and _on_cuda(self.trainer))
         return bool(setting)
 
     def val_loader(self, batch_size: int | None = None) -> torch.utils.data.DataLoader:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from tipslab.datamodules.encoded_jpeg import EncodedJpeg, decode_jpegs
 from tipslab.datamodules.transforms import CropPlan, as_float
 
 
@@ -32,28 +33,52 @@ from tipslab.datamodules.transforms import CropPlan, as_float
 class DeferredViews:
     """A batch's views before they are cut (``V = num_global + num_local`` per sample)."""
 
-    sources: torch.Tensor  # uint8 (float for scenes) [B, 3, H, W]: each picture at the top left, its
-    # right and bottom edges repeated one pixel, zeros beyond
+    # uint8 (float for scenes) [B, 3, H, W]: each picture at the top left, its right and bottom edges
+    # repeated one pixel, zeros beyond (`paste`); None while some pictures are still JPEG bytes
+    sources: torch.Tensor | None
     boxes: torch.Tensor  # float32 [B, V, 4]: (x1, y1, x2, y2) of each view in its picture's pixels
     flips: torch.Tensor  # bool [B, V]
     global_size: int
     local_size: int
     num_global: int
     num_local: int
+    # With ``sources`` None: each sample's `EncodedJpeg` (decoded on the device, its bytes stay in
+    # host memory, where the decoder reads them) or decoded uint8 [3, h, w] picture.
+    pictures: list | None = None
 
     def map(self, fn) -> DeferredViews:
         """A copy with ``fn`` applied to every tensor (`Batch.to`, `Batch.pin_memory`)."""
-        return replace(self, sources=fn(self.sources), boxes=fn(self.boxes), flips=fn(self.flips))
+        pictures = None if self.pictures is None else [
+            p if isinstance(p, EncodedJpeg) else fn(p) for p in self.pictures]
+        sources = None if self.sources is None else fn(self.sources)
+        return replace(self, sources=sources, boxes=fn(self.boxes), flips=fn(self.flips), pictures=pictures)
 
 
-def pack_views(sources: list[torch.Tensor], plans: list[list[CropPlan]], num_global: int) -> DeferredViews:
+def pack_views(sources: list, plans: list[list[CropPlan]], num_global: int) -> DeferredViews:
     """One `DeferredViews` from each sample's decoded picture ``[3, h, w]`` (uint8, or float in
-    [0, 1]) and its views' plans (global views first, then local), all samples with the same views."""
+    [0, 1]) or `EncodedJpeg` and its views' plans (global views first, then local), all samples
+    with the same views. Decoded pictures are pasted on one canvas here, unless a JPEG waits for
+    the device: then all are pasted there, after it is decoded (`render_views`)."""
+    encoded = any(isinstance(s, EncodedJpeg) for s in sources)
+    boxes = torch.tensor([[(p.left, p.top, p.left + p.width, p.top + p.height) for p in views] for views in plans],
+                         dtype=torch.float32)
+    flips = torch.tensor([[p.flipped for p in views] for views in plans], dtype=torch.bool)
+    first = plans[0]
+    local = first[num_global:]
+    return DeferredViews(None if encoded else paste(sources), boxes, flips, global_size=first[0].size,
+                         local_size=local[0].size if local else 0, num_global=num_global, num_local=len(local),
+                         pictures=list(sources) if encoded else None)
+
+
+def paste(sources: list[torch.Tensor]) -> torch.Tensor:
+    """``[B, 3, H, W]`` (channels-last strides) of pictures ``[3, h, w]`` of any sizes, on their
+    device: each at the top left, its right and bottom edges repeated one pixel, zeros beyond."""
     height = max(int(s.shape[-2]) for s in sources)
     width = max(int(s.shape[-1]) for s in sources)
     # Channels last: a decoded picture is height x width x 3 in memory (`to_tensor` gives a permuted
     # view of it), so each copy below is contiguous rows, not a transpose (5x faster at 800 x 600).
-    canvas = torch.empty(len(sources), height, width, 3, dtype=sources[0].dtype)  # uint8, or float (scenes)
+    canvas = torch.empty(len(sources), height, width, 3, dtype=sources[0].dtype,  # uint8, or float (scenes)
+                         device=sources[0].device)
     for i, pixels in enumerate(sources):
         h, w = pixels.shape[-2:]
         canvas[i, :h, :w] = pixels.permute(1, 2, 0)
@@ -70,20 +95,18 @@ def pack_views(sources: list[torch.Tensor], plans: list[list[CropPlan]], num_glo
             canvas[i, h, :min(w + 1, width)] = canvas[i, h - 1, :min(w + 1, width)]
             canvas[i, h, w + 1:] = 0
             canvas[i, h + 1:] = 0
-    canvas = canvas.permute(0, 3, 1, 2)  # [B, 3, H, W] with channels-last strides
-    boxes = torch.tensor([[(p.left, p.top, p.left + p.width, p.top + p.height) for p in views] for views in plans],
-                         dtype=torch.float32)
-    flips = torch.tensor([[p.flipped for p in views] for views in plans], dtype=torch.bool)
-    first = plans[0]
-    local = first[num_global:]
-    return DeferredViews(canvas, boxes, flips, global_size=first[0].size,
-                         local_size=local[0].size if local else 0, num_global=num_global, num_local=len(local))
+    return canvas.permute(0, 3, 1, 2)  # [B, 3, H, W] with channels-last strides
 
 
 def render_views(views: DeferredViews) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(global_crops [G, B, 3, S, S], local_crops [L, B, 3, s, s] or None)``, float in [0, 1],
-    on the device the views are on."""
-    pixels = as_float(views.sources.contiguous())  # NCHW before the float copy: roi_align wants it
+    on the device the views are on; JPEGs left encoded are decoded there first, in one call."""
+    sources = views.sources
+    if sources is None:
+        device = views.boxes.device
+        decoded = iter(decode_jpegs([p for p in views.pictures if isinstance(p, EncodedJpeg)], device))
+        sources = paste([next(decoded) if isinstance(p, EncodedJpeg) else p.to(device) for p in views.pictures])
+    pixels = as_float(sources.contiguous())  # NCHW before the float copy: roi_align wants it
     global_crops = _cut(pixels, views.boxes[:, :views.num_global], views.flips[:, :views.num_global], views.global_size)
     local_crops = None
     if views.num_local:

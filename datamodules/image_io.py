@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tipslab.datamodules.encoded_jpeg import EncodedJpeg, plain_jpeg
 from tipslab.datamodules.sample import CorruptSample
 
 # The one list of image file extensions (embed, image folders, shards, `tipslab shards`).
@@ -140,25 +141,36 @@ def read_image(source: str | os.PathLike | bytes, *, name: str | None = None, ma
 
 def read_image_reduced(source: str | os.PathLike | bytes, scale_for: Callable[[int, int], float] | None, *,
                        name: str | None = None, max_pixels: int = MAX_PIXELS,
-                       conversions: list[str] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+                       conversions: list[str] | None = None,
+                       keep_jpeg: bool = False) -> tuple[Image.Image | EncodedJpeg, tuple[int, int]]:
     """`read_image`, but a JPEG may decode smaller: ``(image, (width, height) of the full image)``.
 
     ``scale_for(width, height)`` (the upright full size) says how far the image may shrink, as a
     factor <= 1; JPEG decodes at 1/2, 1/4 or 1/8 through DCT scaling (PIL ``draft``) when that
     still leaves at least that factor, several times faster than the full decode. Other formats,
     and ``scale_for=None``, decode at full size. The checks and bad-sample kinds are `read_image`'s.
+    With ``keep_jpeg``, a plain JPEG that would decode at full size is not decoded: it comes back
+    as an `EncodedJpeg`, for the device to decode (`encoded_jpeg.py`).
     """
     data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else None
     path = None if data is not None else Path(source)
     where = name or (str(path) if path is not None else "image bytes")
     done = conversions if conversions is not None else []
+    if keep_jpeg and data is None and path.suffix.lower() in (".jpg", ".jpeg") and path.is_file():
+        data = path.read_bytes()  # a file that may travel encoded: its bytes are what travels
     opened = _open(data, path, where, max_pixels)
     stored = opened.size
+    factor = 1.0
     if scale_for is not None and opened.format == "JPEG":  # a JPEG's EXIF is in its header: no decode needed
         upright = stored[::-1] if opened.getexif().get(0x0112, 1) in (5, 6, 7, 8) else stored
         factor = min(float(scale_for(*upright)), 1.0)
-        if factor <= 0.5:  # DCT scaling halves at least; mode None keeps the decoder's colour handling
-            opened.draft(None, (math.ceil(stored[0] * factor), math.ceil(stored[1] * factor)))
+    # Only a JPEG that DCT scaling would not shrink travels encoded: a larger one decodes smaller
+    # here, so what reaches the device stays within 2x of what its views need either way.
+    if keep_jpeg and factor > 0.5 and data is not None and plain_jpeg(data, opened):
+        opened.close()
+        return EncodedJpeg(data, int(stored[0]), int(stored[1]), where), (int(stored[0]), int(stored[1]))
+    if factor <= 0.5:  # DCT scaling halves at least; mode None keeps the decoder's colour handling
+        opened.draft(None, (math.ceil(stored[0] * factor), math.ceil(stored[1] * factor)))
     try:
         image = _decode(opened, where)
     except UnreadableImage:

@@ -51,6 +51,8 @@ class ManifestDataset(torch.utils.data.Dataset):
         # ``(width, height) -> factor``: how far a JPEG may decode smaller (set by the data module
         # with ``data.decode_draft``, as for shards); None: full size.
         self.decode_scale = None
+        # True: a plain JPEG stays encoded for the device to decode (``data.decode_on_device``).
+        self.keep_jpeg = False
         mapping = captions or CaptionMapping()
         frame = scan_manifest(self.path)
         try:
@@ -96,7 +98,8 @@ class ManifestDataset(torch.utils.data.Dataset):
             raise EmptyCaptions(f"manifest {self.path} row {index} ({self.ids[index]}): every caption is empty")
         conversions: list[str] = []
         image, full = read_image_reduced(path, self.decode_scale, name=f"manifest {self.path} row {index}: {path}",
-                                         max_pixels=self.max_pixels, conversions=conversions)
+                                         max_pixels=self.max_pixels, conversions=conversions,
+                                         keep_jpeg=self.keep_jpeg)
         sample = {"image": image, "captions": captions, "id": self.ids[index], "_conversions": conversions}
         if image.size != full:  # decoded smaller: crops are drawn on the full size
             sample["source_size"] = full

@@ -18,6 +18,7 @@ seeded buffer. Several sources, by weight and with resampling: see mixing.py.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
@@ -28,6 +29,7 @@ import torch
 import webdataset as wds
 
 from tipslab.datamodules.caption_fields import CaptionMapping, CaptionProblem
+from tipslab.datamodules.encoded_jpeg import EncodedJpeg
 from tipslab.datamodules.image_io import IMAGE_EXTENSIONS, MAX_PIXELS, UnreadableImage, read_image_reduced
 from tipslab.datamodules.mixing import ShardSource, check_unweighted, parse_sources, resampled_samples
 from tipslab.datamodules.sample_quality import SkipCounter
@@ -92,6 +94,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         # ``(width, height) -> factor``: how far a JPEG may decode smaller (`SampleProcessor.decode_scale`,
         # set by the data module with ``data.decode_draft``); None: full size.
         self.decode_scale = None
+        # True: a plain JPEG stays encoded for the device to decode (``data.decode_on_device``).
+        self.keep_jpeg = False
         self.counts = SkipCounter()  # since the last `counts.take()` (a batch stream takes them per batch)
         self.skipped = 0  # in this process, ever
         self.skipped_samples: list[tuple[str, str]] = []  # (key or url, reason)
@@ -164,11 +168,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
             return None
         try:
             image, (width, height) = read_image_reduced(raw[ext], self.decode_scale, name=f".{ext} member",
-                                                        max_pixels=self.max_pixels, conversions=conversions)
+                                                        max_pixels=self.max_pixels, conversions=conversions,
+                                                        keep_jpeg=self.keep_jpeg)
         except UnreadableImage as err:
             self._skip(where, str(err), err.kind)
             return None
         self.counts.ok(conversions)
+        if isinstance(image, EncodedJpeg):  # a device-side warning names the sample, not the member
+            image = dataclasses.replace(image, name=where)
         meta = meta or {}
         sample = {"image": image, "captions": captions, "id": str(meta.get("id", key)), "key": key,
                   "objects": meta.get("objects"), "source": raw.get("__source__")}

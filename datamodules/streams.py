@@ -33,6 +33,7 @@ import torch
 
 from tipslab.datamodules.batch import Batch, collate
 from tipslab.datamodules.captions import alt_caption, check_probs, sample_caption
+from tipslab.datamodules.encoded_jpeg import EncodedJpeg, decode_jpegs
 from tipslab.datamodules.sample import CorruptSample
 from tipslab.datamodules.sample_quality import SkipCounter
 from tipslab.datamodules.shards import ShardDataset
@@ -103,19 +104,24 @@ class SampleProcessor:
     def _first(self, pixels, rng, scale, size, deferred: bool):
         """``(view or its CropPlan when deferred, flipped, box)`` of the first global crop."""
         if deferred:
-            plan, box = self.view.first.draw(pixels.shape[-2:], rng, scale, size)
+            plan, box = self.view.first.draw(_height_width(pixels), rng, scale, size)
             return plan, plan.flipped, box
         return self.view.crop(pixels, rng, scale=scale, to_float=False, source_size=size)
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
-        # Decoded to a tensor once, however many crops are cut from it.
-        pixels = to_tensor(sample["image"])
         size = sample.get("source_size")  # (width, height) of the full image when it was decoded smaller
         sample_id = str(sample["id"])
         captions = sample["captions"]
         crops = hasattr(self.view, "crop")
         # Crops on the device (`device_crops.py`): the same draws, the views are cut after the transfer.
         deferred = crops and self.defer_crops and hasattr(self.view, "draw_rest")
+        # Decoded to a tensor once, however many crops are cut from it; a JPEG left encoded for the
+        # device (`encoded_jpeg.py`) travels as it is when its views are cut there too.
+        pixels = sample["image"]
+        if isinstance(pixels, EncodedJpeg) and not deferred:
+            pixels = decode_jpegs([pixels], "cpu")[0]
+        elif not isinstance(pixels, EncodedJpeg):
+            pixels = to_tensor(pixels)
         captions_the_crop = self.crop_captions and sample.get("crop_captions") is not None
         if crops and self.caption_scales and not captions_the_crop:
             alt, granularity, caption = self._texts(captions, rng, sample_id)
@@ -133,7 +139,7 @@ class SampleProcessor:
         if box:
             item["box"] = box[0]  # (top, left, height, width) of the first global crop in the source
         if deferred:
-            more, local = self.view.draw_rest(pixels.shape[-2:], rng, source_size=size)
+            more, local = self.view.draw_rest(_height_width(pixels), rng, source_size=size)
             item["source"], item["plans"], item["num_global"] = pixels, [image, *more, *local], 1 + len(more)
             grid = (image.size // PATCH_SIZE,) * 2
         else:
@@ -149,6 +155,12 @@ class SampleProcessor:
         if self.negatives is not None:
             item["alt_negative"], item["caption_negative"] = self.negatives(alt, rng), self.negatives(caption, rng)
         return item
+
+
+def _height_width(pixels) -> tuple[int, int]:
+    if isinstance(pixels, EncodedJpeg):
+        return pixels.height, pixels.width
+    return int(pixels.shape[-2]), int(pixels.shape[-1])
 
 
 def _worker() -> tuple[int, int]:
