@@ -5,6 +5,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from batch_recorder import BatchRecorder
 from PIL import Image
 
 from tipslab.datamodules.batch import collate
@@ -119,20 +120,7 @@ def test_a_trainer_gets_uint8_from_the_loader_and_the_same_floats_on_the_device(
             left_the_loader.append(batch.global_crops.dtype)
             return super().on_before_batch_transfer(batch, dataloader_idx)
 
-    class Recorder(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.zeros(1))
-            self.seen = []
-
-        def training_step(self, batch, batch_idx):
-            self.seen.append(batch)
-            return self.weight * batch.images.mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    model = Recorder()
+    model = BatchRecorder()
     L.Trainer(max_steps=2, accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False, enable_model_summary=False,
               enable_checkpointing=False, default_root_dir=tmp_path).fit(
         model, datamodule=Watched(cfg, TOKENIZER, seed=3))

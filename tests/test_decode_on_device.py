@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from awkward_images import base_pixels, cmyk_jpeg, encode, exif_rotated_jpeg
+from batch_recorder import BatchRecorder
 from PIL import Image
 
 from tipslab.datamodules.datamodule import PretrainDataModule
@@ -92,20 +93,7 @@ def test_a_trainer_steps_on_pictures_decoded_after_the_transfer(shards, tmp_path
     want = [b.with_float_pixels() for b, _ in zip(PretrainDataModule(cfg, TOKENIZER, seed=3).train_dataloader(),
                                                   range(3))]
 
-    class Recorder(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.zeros(1))
-            self.seen = []
-
-        def training_step(self, batch, batch_idx):
-            self.seen.append(batch)
-            return self.weight * batch.images.mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    model = Recorder()
+    model = BatchRecorder()
     data = PretrainDataModule({**cfg, "decode_on_device": True}, TOKENIZER, seed=3)
     L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
               enable_checkpointing=False, default_root_dir=tmp_path).fit(model, datamodule=data)
