@@ -1,4 +1,4 @@
-"""A tiny model trained briefly on scenes against an untrained one, on every evaluation suite,
+"""A tiny model trained on scenes (1000 steps) against an untrained one, on every evaluation suite,
 through the training callback (scheduled mid-run and at the end, logged to MLflow)."""
 
 import mlflow
@@ -11,7 +11,10 @@ from tipslab.platform.train import train
 
 pytestmark = pytest.mark.slow
 
-STEPS = 50
+# k-NN needs the long run: at 50 and 150 steps the trained CLS was level with a random ViT's (23.5 and
+# 22.9 against 22.2); at the end of a 1000-step schedule it is 28.1 / 28.8 (seeds 0 / 1), while halfway
+# through one it swings from 18 to 26 (docs/RECIPE.md, "How long k-NN takes").
+STEPS = 1000
 # One headline number per suite: (suite, variant, metric, how far above untrained and chance).
 HEADLINES = {
     "zeroshot_seg": ("dense", "mIoU", 0.5),
@@ -20,11 +23,6 @@ HEADLINES = {
     "knn": ("cls1", "top1", 2.0),
     "regions": ("index Flat", "R@5", 2.0),
 }
-# k-NN over scene object crops: a random ViT's CLS already keeps the crop's colour, and 50 steps
-# of image-text training do not beat it (50 steps: 23.5 vs 22.2 untrained; 150 steps: 22.9).
-# Strict: the day a recipe beats it, this test says so and the mark goes.
-TODAY = "k-NN on scenes crops: the untrained CLS is a strong colour baseline at this budget"
-EXPECTED_FAIL = {"knn"}
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +33,12 @@ def runs(tmp_path_factory):
     from tipslab.platform.eval_suites import evaluate_model
 
     run_dir = tmp_path_factory.mktemp("trained") / "runs" / "tiny"
-    # Without the demo's dense term: it trades CLS classification for patch alignment (docs/RECIPE.md)
-    # and at 50 steps its classification lead over chance is 4.6 points, under the bar here; this
-    # test is about the suites telling a trained model from an untrained one.
+    # Without the demo's dense term: it trades CLS classification for patch alignment (docs/RECIPE.md);
+    # this test is about the suites telling a trained model from an untrained one.
     cfg = load_config("tipsv2_tiny", ["components.contrastive.dense_weight=0", f"run_dir={run_dir}",
                                       f"trainer.max_steps={STEPS}", "trainer.progress_bar=false",
-                                      "eval.every_n_steps=25", "eval.pointing_game=false", "tracking.pictures=false",
-                                      "checkpoint.every_n_steps=1000"])
+                                      f"eval.every_n_steps={STEPS // 2}", "eval.pointing_game=false",
+                                      "tracking.pictures=false", f"checkpoint.every_n_steps={STEPS}"])
     result = train(cfg)
     trained = pl.read_csv(result.run_dir / "eval" / "eval.csv")
     torch.manual_seed(0)
@@ -57,12 +54,8 @@ def _row(table, suite):
     return rows.row(0, named=True)
 
 
-@pytest.mark.parametrize("suite", [
-    pytest.param(s, marks=pytest.mark.xfail(reason=TODAY, strict=True)) if s in EXPECTED_FAIL else s
-    for s in HEADLINES
-])
+@pytest.mark.parametrize("suite", list(HEADLINES))
 def test_trained_beats_untrained_and_chance(runs, suite):
-    # (knn is still clearly above chance: asserted in test_knn_is_above_chance.)
     _, trained, untrained = runs
     margin = HEADLINES[suite][2]
     t, u = _row(trained, suite), _row(untrained, suite)
@@ -75,7 +68,7 @@ def test_the_callback_logged_every_suite_on_its_schedule_with_pictures(runs):
     assert set(trained["suite"]) == set(HEADLINES)
     client = mlflow.MlflowClient(tracking_uri=result.tracking_uri)
     history = client.get_metric_history(result.run_id, "eval/zeroshot_seg/scenes/dense/mIoU")
-    assert sorted(m.step for m in history) == [25, STEPS]
+    assert sorted(m.step for m in history) == [STEPS // 2, STEPS]
     assert "eval/regions/scenes/index_SQ4/R10" in client.get_run(result.run_id).data.metrics
     written = trained.filter((pl.col("suite") == "retrieval") & (pl.col("variant") == "cls1")
                              & (pl.col("metric") == "i2t_R@1"))["value"][0]
@@ -84,8 +77,3 @@ def test_the_callback_logged_every_suite_on_its_schedule_with_pictures(runs):
     for name in ("pca.png", "zeroshot_seg.png", "query_heatmaps.png", "curves.png", "eval.csv"):
         assert f"eval/{name}" in artifacts
 
-
-def test_knn_is_above_chance(runs):
-    _, trained, _ = runs
-    t = _row(trained, "knn")
-    assert t["value"] >= t["chance"] + 10.0, t
