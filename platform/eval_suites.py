@@ -274,9 +274,16 @@ def _evaluate(model, suites, data, *, settings, out, pictures, seed, device, log
             # Shares in % as the other rows; depth errors keep their units (metres, a ratio).
             names = {"miou": ("mIoU", 100.0), "pixel_acc": ("pixel_acc", 100.0), "delta1": ("delta1", 100.0),
                      "rmse": ("RMSE_m", 1.0), "abs_rel": ("AbsRel", 1.0)}
-            metrics = {names[key.split("/", 1)[1]][0]: value * names[key.split("/", 1)[1]][1]
-                       for key, value in result.items()}
-            rows += _rows(suite, name, "linear probe", metrics, None)
+            # The per-patch oracle's rows beside the probe's: the best any encoder can do on the patch
+            # grid (modules/patch_oracle.py), so a probe's distance to that ceiling can be read.
+            by_variant = {"linear probe": {}, "per-patch oracle": {}}
+            for key, value in result.items():
+                metric = key.split("/", 1)[1]
+                variant = "per-patch oracle" if metric.startswith("patch_oracle_") else "linear probe"
+                label, scale = names[metric.removeprefix("patch_oracle_")]
+                by_variant[variant][label] = value * scale
+            for variant, metrics in by_variant.items():
+                rows += _rows(suite, name, variant, metrics, None)
         seconds[suite] = time.perf_counter() - start
         if log:
             log(f"eval {suite} on {name}: {seconds[suite]:.1f} s")

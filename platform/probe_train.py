@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from tipslab.atomic import atomic_write_text
 from tipslab.errors import TipslabError
 from tipslab.modules.dense_metrics import DepthMeter, NormalsMeter, SegmentationMeter
+from tipslab.modules.patch_oracle import patch_oracle
 from tipslab.modules.probes import build_head, probe_loss
 from tipslab.modules.vision import VisionOutput
 
@@ -184,26 +185,37 @@ def _loader(dataset, cfg: DictConfig, shuffle: bool):
 # ------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def evaluate_probe(system: ProbeSystem, dataset, batch_size: int = 16) -> dict[str, float]:
-    """Metrics of the head over `dataset` at its resolution: seg/{miou,pixel_acc} or depth/{rmse,abs_rel,delta1}."""
+    """Metrics of the head over `dataset` at its resolution: seg/{miou,pixel_acc} or depth/{rmse,abs_rel,delta1}
+    (normals/{mean_angle,within_11}), and the same metrics of the per-patch oracle as
+    `{task}/patch_oracle_{metric}`: the ceiling the patch grid sets (modules/patch_oracle.py)."""
     task = system.cfg.head.task
     was_training = system.training
     system.eval()
     device = next(system.head.parameters()).device
     system.encoder.to(device)
-    if task == "seg":
-        meter = SegmentationMeter(system.head.num_outputs if hasattr(system.head, "num_outputs")
-                                  else system.head.decoder.num_outputs)
-    elif task == "depth":
-        meter = DepthMeter(float(system.cfg.head.min_depth), float(system.cfg.head.max_depth))
-    else:
-        meter = NormalsMeter()
+    num_classes = system.head.num_outputs if hasattr(system.head, "num_outputs") else system.head.decoder.num_outputs
+
+    def new_meter():
+        if task == "seg":
+            return SegmentationMeter(num_classes)
+        if task == "depth":
+            return DepthMeter(float(system.cfg.head.min_depth), float(system.cfg.head.max_depth))
+        return NormalsMeter()
+
+    meter, oracle = new_meter(), new_meter()
+    patch = system.encoder.vision.patch_size
     for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
         batch = {k: (v.to(device) if k != "id" else v) for k, v in batch.items()}
         pred = system.predict_batch(batch).cpu()
         pred = {"seg": lambda p: p.argmax(1), "depth": lambda p: p[:, 0], "normals": lambda p: p}[task](pred)
-        meter.update(pred, batch["target"].cpu())
+        target = batch["target"].cpu()
+        meter.update(pred, target)
+        grid = (tuple(int(g) for g in batch["grid"][0]) if "grid" in batch
+                else (batch["image"].shape[-2] // patch, batch["image"].shape[-1] // patch))
+        oracle.update(patch_oracle(task, target, grid, num_classes), target)
     system.train(was_training)
-    return {f"{task}/{key}": value for key, value in meter.compute().items()}
+    return {**{f"{task}/{key}": value for key, value in meter.compute().items()},
+            **{f"{task}/patch_oracle_{key}": value for key, value in oracle.compute().items()}}
 
 
 # ------------------------------------------------------------------------------ the run

@@ -140,5 +140,9 @@ def test_probe_suites_run_through_tipslab_eval_when_named(tmp_path):
     report = evaluate_model(tmp_path / "m", suites=["linear_seg", "depth"], settings={"probes": {"steps": 3},
                                                                                     "num_scenes": 8},
                             pictures=False, log=None)
-    assert 0.0 <= report.value("linear_seg", "mIoU") <= 100.0
-    assert report.value("depth", "RMSE_m") > 0 and 0.0 <= report.value("depth", "delta1") <= 100.0
+    assert 0.0 <= report.value("linear_seg", "mIoU", "linear probe") <= 100.0
+    assert report.value("depth", "RMSE_m", "linear probe") > 0
+    assert 0.0 <= report.value("depth", "delta1", "linear probe") <= 100.0
+    # Beside each probe row, the ceiling of the patch grid: a 3-step probe is far below it.
+    assert report.value("linear_seg", "mIoU", "per-patch oracle") > report.value("linear_seg", "mIoU", "linear probe")
+    assert report.value("depth", "RMSE_m", "per-patch oracle") < report.value("depth", "RMSE_m", "linear probe")

@@ -66,7 +66,8 @@ def test_dpt_probe_exports_an_official_layout_decoder(tmp_path, encoder_dir):
                                                  "trainer.max_steps=2", "head.dpt_channels=16", "tracking.enabled=false",
                                                  "checkpoint.every_n_steps=0"], defaults="defaults_probe")
     result = train_probe(cfg)
-    assert set(result.metrics) == {"depth/rmse", "depth/abs_rel", "depth/delta1"}
+    assert set(result.metrics) == {f"depth/{prefix}{key}" for prefix in ("", "patch_oracle_")
+                                   for key in ("rmse", "abs_rel", "delta1")}
     decoder = load_decoder(tmp_path / "d" / "decoder.npz", embed_dim=192)
     assert decoder.task == "depth" and decoder.channels == 16
 
