@@ -4,6 +4,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from batch_recorder import BatchRecorder
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -100,20 +101,12 @@ def _two_epochs(dl):
         yield from dl
 
 
-class _Recorder(L.LightningModule):
-    """Trains nothing useful; records exactly which batches its training steps received."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.seen = []
+class _Recorder(BatchRecorder):
+    """Records which batches its training steps received: their ids and a copy of their images."""
 
     def training_step(self, batch, batch_idx):
         self.seen.append((tuple(batch.ids), batch.images.clone()))
         return self.weight * batch.images.mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def _fit(tmp_path, max_steps, num_workers, ckpt_path=None, save_every=None):

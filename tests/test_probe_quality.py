@@ -15,8 +15,8 @@ trained here, 120 to 1500 steps of the demo's recipe and 300 steps of the whole 
 near the level of colour alone (mIoU 0.08-0.09, a colour-only oracle 0.04, the full one 0.49: the
 classes are colour + shape, and the patches do not learn shape at this budget), and for depth
 about what the row alone gives (RMSE 1.17-1.19 m against 1.22 for one mean per row), where the
-random tower also tells object from wall (0.88 m), from the first block on. The mark is strict: the day a recipe makes the test pass, the suite fails
-and says so, and the mark goes.
+random tower also tells object from wall (0.88 m), from the first block on. The mark is strict:
+the day a recipe makes the test pass, the suite fails and says so, and the mark goes.
 """
 
 import pytest
